@@ -1,0 +1,17 @@
+"""MindFormers-compatible entry point: `python convert_weight.py --model llama --input_path … --output_path …`.
+
+`convert_map` / `reversed_convert_map` map every registered key to its `convert_pt_to_ms` /
+`convert_ms_to_pt`, as in MindFormers' own root script.
+"""
+
+import sys
+
+from mindformers_conv.api import converter
+from mindformers_conv.cli import main
+from mindformers_conv.registry import load_models
+
+convert_map = {key: converter(key, reverse=False) for key in load_models()}
+reversed_convert_map = {key: converter(key, reverse=True) for key in load_models()}
+
+if __name__ == "__main__":
+    sys.exit(main())

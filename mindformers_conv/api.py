@@ -1,0 +1,38 @@
+"""The Python API MindFormers users call: `convert_pt_to_ms` / `convert_ms_to_pt` for a model key."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .convert import Options, convert
+from .dtypes import parse_user_dtype
+from .errors import UsageError
+from . import registry
+
+# Keys a MindFormers caller may pass; size flags go to the model's config, the rest to Options.
+SIZE_FLAGS = ("n_head", "hidden_size", "layers", "is_pretrain", "telechat_type")
+OPTION_FLAGS = ("allow_unmapped", "verify", "config_path", "dry_run", "progress", "max_shard_bytes")
+
+
+def options_from(dtype, kwargs: dict) -> Options:
+    unknown = sorted(set(kwargs) - set(SIZE_FLAGS) - set(OPTION_FLAGS))
+    if unknown:
+        raise UsageError(f"unknown argument(s): {', '.join(unknown)}")
+    flags = {k: kwargs[k] for k in SIZE_FLAGS if kwargs.get(k) is not None}
+    settings = {k: kwargs[k] for k in OPTION_FLAGS if k in kwargs}
+    settings.setdefault("progress", False)
+    return Options(dtype=parse_user_dtype(dtype), flags=flags, **settings)
+
+
+def converter(key: str, reverse: bool) -> Callable[..., bool]:
+    """The `convert_pt_to_ms` (or, reversed, `convert_ms_to_pt`) function of one key."""
+
+    def run(input_path, output_path, dtype=None, **kwargs) -> bool:
+        convert(registry.get(key), str(input_path), str(output_path), reverse=reverse,
+                options=options_from(dtype, kwargs))
+        return True
+
+    run.__name__ = "convert_ms_to_pt" if reverse else "convert_pt_to_ms"
+    direction = "MindSpore → HF" if reverse else "HF → MindSpore"
+    run.__doc__ = f"Convert a {key} checkpoint {direction}; returns True, raises ConvError on failure."
+    return run

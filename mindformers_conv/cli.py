@@ -1,0 +1,138 @@
+"""The MindFormers-compatible command line: flags → registry lookup → convert → one-line report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import registry
+from .convert import Options, Result, convert, load_config
+from .dtypes import parse_user_dtype
+from .errors import ConvError, UsageError
+from .formats.inputs import open_input
+from .formats.outputs import parse_size
+
+
+def str2bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    """A boolean that is on when given bare and also takes true/false/1/0."""
+    parser.add_argument(name, type=str2bool, nargs="?", const=True, default=False, metavar="BOOL", help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    models = registry.load_models()
+    keys = "\n".join(f"  {k:<14} {m.description}" for k, m in sorted(models.items()))
+    p = _Parser(prog="convert_weight.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Convert weights between HuggingFace and MindSpore Transformers, both directions, "
+                            "bit-exactly and streaming.",
+                epilog=f"model keys:\n{keys}\n  {'auto':<14} detect from config.json or the tensor names")
+    p.add_argument("--model", required=True, metavar="KEY", help="model key (see below) or auto")
+    p.add_argument("--input_path", required=True, help="HF folder (or a file in it), or a MindSpore .ckpt/.safetensors")
+    p.add_argument("--output_path", required=True,
+                   help=".ckpt, .safetensors, .bin/.pt, or a folder (ending in / or existing)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast floating tensors (default: as MindFormers)")
+    _flag(p, "--reversed", "MindSpore → HF instead of HF → MindSpore")
+    p.add_argument("--config_path", help="config.json (or its folder) when it is not beside the input")
+    p.add_argument("--n_head", type=int, help="attention heads, where config.json does not tell")
+    p.add_argument("--hidden_size", type=int, help="hidden size, where config.json does not tell")
+    p.add_argument("--layers", type=int, help="number of layers, where config.json does not tell")
+    _flag(p, "--is_pretrain", "Swin: the checkpoint is a pre-training (SimMIM) one")
+    p.add_argument("--telechat_type", help="TeleChat variant, e.g. telechat_12b")
+    _flag(p, "--dry-run", "plan only: files, tensors, bytes, predicted peak memory (reads headers only)")
+    _flag(p, "--verify", "after writing, convert the output back and compare every tensor's bytes")
+    _flag(p, "--allow-unmapped", "leave out tensors the mapping does not know (listed) instead of stopping")
+    _flag(p, "--no-progress", "no progress bar")
+    p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard in folder outputs (5GB)")
+    return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(parse(argv))
+    except ConvError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    flags = {k: getattr(args, k) for k in ("n_head", "hidden_size", "layers", "telechat_type")
+             if getattr(args, k) is not None}
+    if args.is_pretrain:
+        flags["is_pretrain"] = True
+    options = Options(dtype=parse_user_dtype(args.dtype), allow_unmapped=args.allow_unmapped,
+                      dry_run=args.dry_run, verify=args.verify,
+                      progress=not args.no_progress and sys.stderr.isatty(),
+                      max_shard_bytes=parse_size(args.max_shard_size), config_path=args.config_path, flags=flags)
+    if args.model == "auto":
+        source = open_input(args.input_path)
+        cfg = load_config(source, args.config_path, flags)
+        spec, evidence = registry.detect(cfg, list(source.refs), args.reversed)
+        print(f"model: {spec.key} (detected from {evidence})")
+    else:
+        spec = registry.get(args.model)
+    start = time.perf_counter()
+    result = convert(spec, args.input_path, args.output_path, reverse=args.reversed, options=options)
+    _report(result, time.perf_counter() - start, options)
+    return 0
+
+
+def _report(result: Result, seconds: float, options: Options) -> None:
+    plan, layout = result.plan, result.layout
+    direction = "MindSpore → HF" if plan.reverse else "HF → MindSpore"
+    dtypes = ", ".join(sorted({t.dtype.code for t in plan.tensors}))
+    files = [str(f.path) for f in layout.files]
+    where = str(layout.folder) if layout.folder else files[0]
+    size = _human(plan.total_bytes)
+    if options.dry_run:
+        print(f"plan ({plan.spec.key}, {direction}): read {len(result.source.refs)} tensors, "
+              f"{_human(result.source.total_bytes)} from {len(result.source.files)} file(s)")
+        print(f"  write {len(plan.tensors)} tensors, {size} ({dtypes}) into {len(files)} file(s) at {where}")
+        print(f"  predicted peak memory: {_human(plan.peak_work_bytes)} for tensor data (largest recipe)")
+    else:
+        rate = f", {_human(plan.total_bytes / seconds)}/s" if seconds > 0 else ""
+        print(f"{plan.spec.key}: {direction}: wrote {len(plan.tensors)} tensors, {size} ({dtypes}) "
+              f"to {where} in {seconds:.1f} s{rate}")
+    for reason, names in plan.dropped.items():
+        print(f"  left out {len(names)} ({reason}): {_sample(names)}")
+    if plan.unmapped:
+        print(f"  left out {len(plan.unmapped)} unmapped (--allow-unmapped): {_sample(plan.unmapped)}")
+    if result.verified is not None:
+        print(f"  verified: {result.verified} tensors convert back byte-identical")
+
+
+def _sample(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""One conversion, end to end: open the input, plan, write (or only plan), verify."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .dtypes import DType
+from .errors import BadInput, UsageError
+from .execute import execute
+from .formats.inputs import Source, open_input
+from .formats.ms_ckpt import SLICE_BYTES
+from .formats.outputs import Layout, output_kind, plan_layout
+from .mapping import Config, ModelSpec
+from .plan import Plan, build_plan
+from .verify import verify
+
+
+@dataclass
+class Options:
+    dtype: DType | None = None
+    allow_unmapped: bool = False
+    dry_run: bool = False
+    verify: bool = False
+    progress: bool = True
+    max_shard_bytes: int = 5 * 10**9
+    config_path: str | None = None
+    ckpt_slice_bytes: int = SLICE_BYTES
+    flags: dict = field(default_factory=dict)  # model-size flags (n_head, hidden_size, …) given on the CLI
+
+
+@dataclass
+class Result:
+    source: Source
+    plan: Plan
+    layout: Layout
+    verified: int | None = None
+
+
+def load_config(source: Source, config_path: str | None, flags: dict) -> Config:
+    """config.json from --config_path (file or folder) or beside the input; CLI size flags fill gaps."""
+    if config_path:
+        path = Path(config_path)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise UsageError(f"--config_path {config_path}: no config.json there")
+    else:
+        path = source.folder / "config.json"
+    cfg: Config = {}
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise BadInput(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise BadInput(f"{path}: not a JSON object")
+        cfg["_path"] = str(path)
+    for key, value in flags.items():
+        cfg.setdefault(key, value)
+    return cfg
+
+
+def convert(spec: ModelSpec, input_path: str, output_path: str, *, reverse: bool, options: Options) -> Result:
+    source = open_input(input_path)
+    _check_not_input(source, output_path)
+    cfg = load_config(source, options.config_path, options.flags)
+    keep_tied = output_kind(output_path, reverse) in ("pickle", "ckpt")  # HF safetensors omit a tied head
+    plan = build_plan(spec, source.refs, reverse=reverse, dtype=options.dtype, cfg=cfg,
+                      allow_unmapped=options.allow_unmapped, keep_tied=keep_tied)
+    layout = plan_layout(output_path, reverse, plan.entries, options.max_shard_bytes)
+    result = Result(source, plan, layout)
+    if options.dry_run:
+        return result
+    if layout.folder is not None:
+        try:
+            layout.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create output folder {layout.folder}: {e.strerror}") from None
+    carry = Path(cfg["_path"]).parent if "_path" in cfg else source.folder
+    execute(plan, layout, progress=options.progress, carry_from=carry, ckpt_slice_bytes=options.ckpt_slice_bytes)
+    if options.verify:
+        result.verified = verify(plan, layout, source)
+    return result
+
+
+def _check_not_input(source: Source, output_path: str) -> None:
+    out = Path(output_path).resolve()
+    inputs = {f.resolve() for f in source.files}
+    if out in inputs or (out.is_dir() and out == source.folder.resolve()):
+        raise UsageError(f"output path {output_path} is the input; choose another")

@@ -1,0 +1,92 @@
+"""Runs a Plan streaming: one output file at a time, one tensor at a time, atomically renamed at the end."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import OutputError
+from .formats.ms_ckpt import SLICE_BYTES
+from .formats.outputs import CARRIED_FILES, Layout
+from .outfile import OutputFile
+from .plan import Plan, Planned
+from .tensor_ref import ByteSource, MemoryBytes
+
+
+class GroupOutputs:
+    """Computes a rule group once and hands out its outputs one by one (a split reads its source once)."""
+
+    def __init__(self):
+        self._live: dict[int, list] = {}
+
+    def bytes_of(self, planned: Planned) -> ByteSource:
+        group = planned.group
+        if group.zero_copy:
+            return group.sources[planned.index].source()
+        key = id(group)
+        if key not in self._live:
+            self._live[key] = [group.compute(), len(group.targets)]
+        entry = self._live[key]
+        tensor: torch.Tensor = entry[0][planned.index]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._live[key]
+        return MemoryBytes.of(tensor)
+
+
+def execute(plan: Plan, layout: Layout, *, progress: bool = True, carry_from: Path | None = None,
+            ckpt_slice_bytes: int = SLICE_BYTES) -> None:
+    """Write every file of the layout under temporary names, then rename them; index files last."""
+    by_name = {t.name: t for t in plan.tensors}
+    groups = GroupOutputs()
+    written: list[OutputFile] = []
+    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+               disable=not progress, desc="converting", leave=False)
+    try:
+        for spec in layout.files:
+            out = OutputFile(spec.path, bar.update)
+            written.append(out)
+            writer = spec.open_writer(out, ckpt_slice_bytes)
+            for name, dtype, shape in spec.entries:
+                writer.add(name, dtype, shape, groups.bytes_of(by_name[name]))
+            writer.close()
+            out.close()
+        extras = []
+        for path, data in layout.extras.items():
+            extra = OutputFile(path)
+            written.append(extra)
+            extra.write(data)
+            extra.close()
+            extras.append(extra)
+        for out in written:
+            if out not in extras:
+                out.commit()
+        if layout.folder is not None and carry_from is not None:
+            carry_files(carry_from, layout.folder)
+        for extra in extras:
+            extra.commit()
+    except BaseException:
+        for out in written:
+            out.abort()
+        raise
+    finally:
+        bar.close()
+
+
+def carry_files(source: Path, folder: Path) -> list[str]:
+    """Copy config / tokenizer files found in `source` into the output folder (never over itself)."""
+    carried = []
+    if source.resolve() == folder.resolve():
+        return carried
+    for name in CARRIED_FILES:
+        if (source / name).is_file():
+            try:
+                shutil.copyfile(source / name, folder / name)
+            except OSError as e:
+                raise OutputError(f"cannot copy {name} to {folder}: {e.strerror}") from None
+            carried.append(name)
+    return carried

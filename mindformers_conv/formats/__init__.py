@@ -1,0 +1,1 @@
+"""On-disk formats: each module reads and/or writes one, and knows no model names."""

@@ -1,0 +1,98 @@
+"""The one atomic-write helper: write under a temporary name beside the target, rename at commit."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Callable
+
+from .errors import OutputError
+
+TMP_SUFFIX = ".partial"
+
+
+def temp_name(final: Path) -> Path:
+    """Hidden temporary name in the target folder; never a name a loader would pick up."""
+    return final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+class OutputFile:
+    """Streams bytes into a temporary file; `commit()` renames it over `final`, `abort()` removes it."""
+
+    def __init__(self, final: Path, on_bytes: Callable[[int], None] | None = None):
+        self.final = Path(final)
+        self.tmp = temp_name(self.final)
+        self._on_bytes = on_bytes or (lambda n: None)
+        self._sources: dict[str, int] = {}
+        self.position = 0
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot write {self.final}: {e.strerror}") from None
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self._write_all(view)
+        self._advance(len(view))
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            view = view[self._io(os.write, self.fd, view):]
+
+    def copy_from(self, path: str, offset: int, length: int) -> None:
+        """Copy bytes of another file in the kernel (copy_file_range, then sendfile, then read/write)."""
+        src = self._sources.get(path)
+        if src is None:
+            src = self._sources[path] = os.open(path, os.O_RDONLY)
+        while length > 0:
+            try:
+                n = os.copy_file_range(src, self.fd, length, offset)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    self._raise(e)
+                n = self._slow_copy(src, offset, length)
+            if n == 0:
+                raise OutputError(f"{path}: unexpected end of file at byte {offset}")
+            offset += n
+            length -= n
+            self._advance(n)
+
+    def _slow_copy(self, src: int, offset: int, length: int) -> int:
+        chunk = os.pread(src, min(length, 64 << 20), offset)
+        self._write_all(memoryview(chunk))
+        return len(chunk)
+
+    def _advance(self, n: int) -> None:
+        self.position += n
+        self._on_bytes(n)
+
+    def _io(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            self._raise(e)
+
+    def _raise(self, e: OSError):
+        reason = "disk full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror
+        raise OutputError(f"cannot write {self.final}: {reason}") from None
+
+    def close(self) -> None:
+        for fd in self._sources.values():
+            os.close(fd)
+        self._sources.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def commit(self) -> None:
+        """Close and rename into place (atomic against interruption of this process)."""
+        self.close()
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass

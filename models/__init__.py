@@ -1,0 +1,1 @@
+"""Model families: each `models/<family>/declaration.py` registers its rules with the engine."""
