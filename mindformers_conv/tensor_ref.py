@@ -20,6 +20,11 @@ def numel(shape: Shape) -> int:
     return math.prod(shape)
 
 
+def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as a flat uint8 tensor (bit-exact comparisons, NaN payloads included)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """One source tensor: metadata now, bytes on demand (file ranges, or a torch loader for pickles)."""

@@ -9,6 +9,7 @@ from .errors import VerifyMismatch
 from .formats.inputs import Source, open_input
 from .formats.outputs import Layout
 from .plan import Plan, build_plan
+from .tensor_ref import raw_bytes
 
 
 def verify(plan: Plan, layout: Layout, source: Source) -> int:
@@ -34,12 +35,11 @@ def verify(plan: Plan, layout: Layout, source: Source) -> int:
 
 
 def _compare(name: str, original: torch.Tensor, returned: torch.Tensor) -> None:
-    expected = dtypes.cast(original, dtypes.from_torch(returned.dtype)).contiguous()
+    expected = dtypes.cast(original, dtypes.from_torch(returned.dtype))
     if tuple(expected.shape) != tuple(returned.shape):
         raise VerifyMismatch(f"verify: {name!r} comes back with shape {list(returned.shape)}, "
                              f"expected {list(expected.shape)}")
-    a = expected.reshape(-1).view(torch.uint8)
-    b = returned.contiguous().reshape(-1).view(torch.uint8)
+    a, b = raw_bytes(expected), raw_bytes(returned)
     if not torch.equal(a, b):
         first = int((a != b).nonzero()[0]) // max(expected.element_size(), 1)
         raise VerifyMismatch(f"verify: {name!r} differs from the input (first at element {first})")

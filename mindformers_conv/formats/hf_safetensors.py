@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BadInput
-from ..tensor_ref import TensorRef
+from ..tensor_ref import TensorRef, numel
 
 INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -76,6 +76,20 @@ def read_files(paths: list[Path], read_one: Reader) -> dict[str, TensorRef]:
                 raise BadInput(f"tensor {name!r} is in both {origin[name].name} and {path.name}")
             refs[name], origin[name] = ref, path
     return refs
+
+
+def split_shards(entries: list, max_bytes: int | None) -> list[list]:
+    """Consecutive (name, dtype, shape) entries cut into shards of at most `max_bytes` (one tensor may exceed it)."""
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = numel(entry[2]) * entry[1].itemsize
+        if max_bytes and shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
 
 
 def shard_names(count: int, prefix: str = "model", ext: str = "safetensors") -> list[str]:

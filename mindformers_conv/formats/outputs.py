@@ -73,15 +73,7 @@ def plan_layout(output_path: str, reverse: bool, entries: list[Entry], max_shard
 
 
 def _folder(folder: Path, reverse: bool, entries: list[Entry], max_shard_bytes: int, metadata) -> Layout:
-    shards: list[list[Entry]] = [[]]
-    size = 0
-    for entry in entries:
-        nbytes = numel(entry[2]) * entry[1].itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
+    shards = hf_safetensors.split_shards(entries, max_shard_bytes)
     names = hf_safetensors.shard_names(len(shards))
     files = [FileSpec(folder / n, "safetensors", s, metadata) for n, s in zip(names, shards)]
     weight_map = {e[0]: n for n, s in zip(names, shards) for e in s}

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random llama checkpoints built in code (fixed seeds), and CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mindformers_conv.cli import main
+from mindformers_conv.formats.inputs import open_input
+from mindformers_conv.synthetic import LlamaShape, write_llama
+from mindformers_conv.tensor_ref import raw_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+GQA = LlamaShape()  # 4 heads, 2 KV heads
+MHA = LlamaShape(num_attention_heads=4, num_key_value_heads=4)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: cli("--model", "llama", ...) → CliResult (progress off)."""
+
+    def run(*argv: str) -> CliResult:
+        code = main([*map(str, argv), "--no-progress"])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def run_script(*argv: str, env: dict | None = None) -> CliResult:
+    """Run the root convert_weight.py in a fresh interpreter (for exit codes, signals, memory)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "convert_weight.py"), *map(str, argv), "--no-progress"],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def tensors_of(path) -> dict:
+    """name → (dtype code, shape, raw bytes) of any checkpoint we read; for exact comparisons."""
+    return {n: (r.dtype.code, r.shape, raw_bytes(r.read())) for n, r in open_input(path).refs.items()}
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name][0] == b[name][0], name
+        assert a[name][1] == b[name][1], name
+        assert a[name][2].equal(b[name][2]), name
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    """Factory: tiny_llama(shape=GQA, dtype="BF16", max_shard_bytes=None, fmt="safetensors") → HF folder."""
+
+    def build(shape: LlamaShape = GQA, dtype: str = "BF16", max_shard_bytes: int | None = None,
+              fmt: str = "safetensors", seed: int = 0, name: str = "hf") -> Path:
+        return write_llama(tmp_path / name, shape, dtype=dtype, seed=seed, max_shard_bytes=max_shard_bytes, fmt=fmt)
+
+    return build
