@@ -67,6 +67,85 @@ class Op:
 IDENTITY = Op("rename", lambda xs, cfg: xs, lambda xs, cfg: xs, zero_copy=True)
 TRANSPOSE = Op("transpose", lambda xs, cfg: [xs[0].t()], lambda xs, cfg: [xs[0].t()])
 DROP = Op("drop", lambda xs, cfg: [], lambda xs, cfg: [])
+# Experts {e} of one projection ↔ one [E, …] tensor (rules using it gather the `e` capture).
+STACK = Op("stack", lambda xs, cfg: [torch.stack(xs)], lambda xs, cfg: list(xs[0].unbind(0)))
+# [E, out, in] ↔ [E, in, out] (MindFormers' grouped-matmul "gmm" layout).
+SWAP_LAST = Op("swap_last", lambda xs, cfg: [xs[0].transpose(-1, -2)], lambda xs, cfg: [xs[0].transpose(-1, -2)])
+
+
+def invert(op: Op) -> Op:
+    """The same transform declared from the other side (e.g. concat is an inverted split)."""
+    return Op(f"inverse {op.name}", op.backward, op.forward, op.zero_copy)
+
+
+def compose(*ops: Op) -> Op:
+    """Ops applied in turn forward, and their inverses in reverse order backward."""
+
+    def forward(xs, cfg):
+        for op in ops:
+            xs = op.forward(xs, cfg)
+        return xs
+
+    def backward(xs, cfg):
+        for op in reversed(ops):
+            xs = op.backward(xs, cfg)
+        return xs
+
+    return Op(" + ".join(op.name for op in ops), forward, backward)
+
+
+Sizes = Callable[[Config, int], list[int]]
+
+
+def equal_parts(n: int) -> Sizes:
+    """Split sizes for `n` equal parts of an axis."""
+    return lambda cfg, total: [total // n] * n
+
+
+def split(sizes: Sizes, dim: int = 0) -> Op:
+    """One tensor → parts along `dim` (sizes from config and the axis length); backward concatenates."""
+
+    def forward(xs, cfg):
+        parts = sizes(cfg, xs[0].shape[dim])
+        if sum(parts) != xs[0].shape[dim]:
+            raise ValueError(f"axis {dim} has {xs[0].shape[dim]} rows, the split needs {sum(parts)}")
+        return list(torch.split(xs[0], parts, dim))
+
+    return Op("split", forward, lambda xs, cfg: [torch.cat(xs, dim)])
+
+
+Heads = Callable[[Config], tuple[int, int, int]]  # (query heads, kv heads, head_dim)
+
+
+def qkv_grouped(heads: Heads) -> Op:
+    """Fused QKV grouped per KV head (g query heads, then k, then v per group) ↔ separate q, k, v.
+
+    Megatron's layout and InternLM2's `wqkv`; with kv heads = heads and g = 1 it is also the per-head
+    interleave of BLOOM. Works for weights [rows, in] and biases [rows]; head_dim need not be hidden/heads.
+    """
+
+    def forward(xs, cfg):
+        nh, nkv, hd = heads(cfg)
+        if nkv <= 0 or nh % nkv:
+            raise ValueError(f"{nh} heads cannot be grouped over {nkv} kv heads")
+        g, x = nh // nkv, xs[0]
+        if x.shape[0] != nkv * (g + 2) * hd:
+            raise ValueError(f"fused qkv has {x.shape[0]} rows, {nh}/{nkv} heads of {hd} need {nkv * (g + 2) * hd}")
+        grouped = x.reshape(nkv, g + 2, hd, *x.shape[1:])
+        q = grouped[:, :g].reshape(nh * hd, *x.shape[1:])
+        k = grouped[:, g].reshape(nkv * hd, *x.shape[1:])
+        v = grouped[:, g + 1].reshape(nkv * hd, *x.shape[1:])
+        return [q, k, v]
+
+    def backward(xs, cfg):
+        nh, nkv, hd = heads(cfg)
+        q, k, v = xs
+        rest = q.shape[1:]
+        grouped = torch.cat([q.reshape(nkv, nh // nkv, hd, *rest), k.reshape(nkv, 1, hd, *rest),
+                             v.reshape(nkv, 1, hd, *rest)], dim=1)
+        return [grouped.reshape(-1, *rest)]
+
+    return Op("qkv_grouped", forward, backward)
 
 
 @dataclass(frozen=True)
@@ -75,6 +154,8 @@ class Rule:
     ms: tuple[Pattern, ...]
     op: Op = IDENTITY
     why: str = ""  # for drops: shown in the summary of what was left out
+    gather: str | None = None  # a capture whose every value feeds one application (e.g. experts {e})
+    ms_dtype: str | None = None  # dtype MindFormers forces for this tensor when --dtype is absent
 
     def side(self, reverse: bool) -> tuple[tuple[Pattern, ...], tuple[Pattern, ...]]:
         """(source patterns, target patterns) for this direction."""
@@ -85,12 +166,18 @@ def _patterns(texts) -> tuple[Pattern, ...]:
     return tuple(Pattern(t) for t in ([texts] if isinstance(texts, str) else texts))
 
 
-def rename(hf: str, ms: str) -> Rule:
-    return Rule(_patterns(hf), _patterns(ms))
+def rename(hf: str, ms: str, **kw) -> Rule:
+    return Rule(_patterns(hf), _patterns(ms), **kw)
 
 
-def transpose(hf: str, ms: str) -> Rule:
-    return Rule(_patterns(hf), _patterns(ms), TRANSPOSE)
+def transform(hf, ms, op: Op, **kw) -> Rule:
+    """HF pattern(s) ↔ MS pattern(s) through `op` (declared HF → MS)."""
+    return Rule(_patterns(hf), _patterns(ms), op, **kw)
+
+
+def stack_experts(hf: str, ms: str, op: Op = STACK) -> Rule:
+    """Per-expert HF tensors (`{e}` in the name) ↔ one stacked MS tensor."""
+    return Rule(_patterns(hf), _patterns(ms), op, gather="e")
 
 
 def drop_hf(pattern: str, why: str) -> Rule:

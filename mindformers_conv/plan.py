@@ -82,43 +82,51 @@ class Plan:
         return max((t.group.work_bytes for t in self.tensors), default=0)
 
 
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
 def build_plan(spec: ModelSpec, refs: dict[str, TensorRef], *, reverse: bool, dtype: DType | None,
                cfg: Config, allow_unmapped: bool = False, keep_tied: bool = True) -> Plan:
-    """Match every source name against the rules (first match wins) and derive the targets."""
+    """Match every source name against the rules (first match wins) and derive the targets.
+
+    `dtype` is the cast asked for; without it the forward uses the rule's or the model's MindFormers
+    default and the reverse keeps each tensor's dtype.
+    """
     refs = _with_tied_alias(spec, refs, reverse, cfg)
     rules = spec.all_rules()
-    groups: dict[tuple, dict[int, TensorRef]] = {}
+    groups: dict[tuple, dict[tuple, TensorRef]] = {}
     unmapped = []
     for name, ref in refs.items():
         key = match_rule(rules, name, reverse)
         if key is None:
             unmapped.append(name)
-        else:
-            rule_index, caps, pattern_index = key
-            groups.setdefault((rule_index, caps), {})[pattern_index] = ref
+            continue
+        rule_index, caps, pattern_index = key
+        gathered = dict(caps).get(rules[rule_index].gather) if rules[rule_index].gather else None
+        if gathered is not None:
+            caps = tuple(c for c in caps if c[0] != rules[rule_index].gather)
+        groups.setdefault((rule_index, caps), {})[(pattern_index, gathered)] = ref
     plan = Plan(spec, reverse, cfg, [])
     produced: dict[str, str] = {}
-    default = dtype or (None if reverse else dtypes.BY_CODE.get(spec.forward_dtype or ""))
     for (rule_index, caps), members in groups.items():
         rule = rules[rule_index]
-        sources_p, targets_p = rule.side(reverse)
-        if len(members) != len(sources_p):
-            missing = [p.format(dict(caps)) for i, p in enumerate(sources_p) if i not in members]
-            names = [members[i].name for i in sorted(members)]
+        try:
+            sources = _complete(rule, dict(caps), members, reverse, cfg)
+        except UnmappedTensor:
             if not allow_unmapped:
-                raise UnmappedTensor(f"{names[0]!r} needs {missing[0]!r}, which the input does not have")
-            unmapped.extend(names)
+                raise
+            unmapped.extend(r.name for r in members.values())
             continue
-        sources = [members[i] for i in range(len(sources_p))]
         if rule.op is DROP:
             plan.dropped.setdefault(rule.why, []).extend(s.name for s in sources)
             continue
-        group = _group(rule, sources, [p.format(dict(caps)) for p in targets_p], reverse, cfg, default)
-        for index, target in enumerate(group.targets):
-            if target in produced:
-                raise BadInput(f"both {produced[target]!r} and {sources[0].name!r} map to {target!r}")
-            produced[target] = sources[0].name
-            plan.tensors.append(Planned(target, group.dtypes[index], group.shapes[index], group, index))
+        target = dtype or (None if reverse else dtypes.BY_CODE.get(rule.ms_dtype or spec.forward_dtype or ""))
+        group = _group(rule, sources, dict(caps), reverse, cfg, target)
+        for index, name in enumerate(group.targets):
+            if name in produced:
+                raise BadInput(f"both {produced[name]!r} and {sources[0].name!r} map to {name!r}")
+            produced[name] = sources[0].name
+            plan.tensors.append(Planned(name, group.dtypes[index], group.shapes[index], group, index))
     if unmapped and not allow_unmapped:
         more = f" (and {len(unmapped) - 1} more)" if len(unmapped) > 1 else ""
         raise UnmappedTensor(f"tensor {unmapped[0]!r}{more} is not known to the {spec.key} mapping; "
@@ -132,6 +140,26 @@ def build_plan(spec: ModelSpec, refs: dict[str, TensorRef], *, reverse: bool, dt
     if not plan.tensors:
         raise BadInput(f"no tensor of the input maps to the {spec.key} model")
     return plan
+
+
+def _complete(rule: Rule, caps: dict, members: dict[tuple, TensorRef], reverse: bool, cfg: Config):
+    """The group's sources in pattern order (gathered ones by index), or UnmappedTensor naming the gap."""
+    patterns = rule.side(reverse)[0]
+    first = next(iter(members.values())).name
+    if rule.gather and rule.gather in patterns[0].fields:
+        indices = sorted(int(k[1]) for k in members)
+        expected = next((int(cfg[k]) for k in EXPERT_COUNT_KEYS if isinstance(cfg.get(k), int)), len(indices))
+        if max(indices) >= expected:
+            raise BadInput(f"{first!r}: the input has expert {max(indices)} but config.json says {expected} experts")
+        missing = sorted(set(range(expected)) - set(indices))
+        if missing:
+            name = patterns[0].format({**caps, rule.gather: str(missing[0])})
+            raise UnmappedTensor(f"{first!r} needs {name!r}, which the input does not have")
+        return [members[(0, str(k))] for k in indices]
+    missing = [p.format(caps) for i, p in enumerate(patterns) if (i, None) not in members]
+    if missing:
+        raise UnmappedTensor(f"{first!r} needs {missing[0]!r}, which the input does not have")
+    return [members[(i, None)] for i in range(len(patterns))]
 
 
 def _with_tied_alias(spec: ModelSpec, refs: dict[str, TensorRef], reverse: bool, cfg: Config):
@@ -153,13 +181,18 @@ def match_rule(rules: tuple[Rule, ...], name: str, reverse: bool):
     return None
 
 
-def _group(rule: Rule, sources: list[TensorRef], targets: list[str], reverse: bool, cfg: Config,
+def _group(rule: Rule, sources: list[TensorRef], caps: dict, reverse: bool, cfg: Config,
            default: DType | None) -> Group:
     metas = [torch.empty(s.shape, dtype=s.dtype.torch, device="meta") for s in sources]
     try:
         outs = rule.op.run(metas, cfg, reverse)
     except (RuntimeError, ValueError, KeyError) as e:
         raise BadInput(f"cannot apply {rule.op.name} to {sources[0].name!r} {list(sources[0].shape)}: {e}") from None
+    patterns = rule.side(reverse)[1]
+    if rule.gather and rule.gather in patterns[0].fields:
+        targets = [patterns[0].format({**caps, rule.gather: str(k)}) for k in range(len(outs))]
+    else:
+        targets = [p.format(caps) for p in patterns]
     shapes = [tuple(t.shape) for t in outs]
     out_dtypes = [dtypes.from_torch(t.dtype) for t in outs]
     out_dtypes = [default if default and d.is_float else d for d in out_dtypes]
