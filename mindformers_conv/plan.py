@@ -148,8 +148,10 @@ def _complete(rule: Rule, caps: dict, members: dict[tuple, TensorRef], reverse: 
     first = next(iter(members.values())).name
     if rule.gather and rule.gather in patterns[0].fields:
         indices = sorted(int(k[1]) for k in members)
-        expected = next((int(cfg[k]) for k in EXPERT_COUNT_KEYS if isinstance(cfg.get(k), int)), len(indices))
-        if max(indices) >= expected:
+        expected = next((cfg[k] for k in EXPERT_COUNT_KEYS if isinstance(cfg.get(k), int)), None)
+        if expected is None:
+            expected = max(indices) + 1
+        elif max(indices) >= expected:
             raise BadInput(f"{first!r}: the input has expert {max(indices)} but config.json says {expected} experts")
         missing = sorted(set(range(expected)) - set(indices))
         if missing:
