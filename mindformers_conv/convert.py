@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dtypes import DType
+from .dtypes import DType, parse_user_dtype
 from .errors import BadInput, UsageError
 from .execute import execute
 from .formats.inputs import Source, open_input
@@ -61,14 +61,25 @@ def load_config(source: Source, config_path: str | None, flags: dict) -> Config:
     return cfg
 
 
+def config_dtype(cfg: Config) -> DType | None:
+    """The dtype config.json declares (`torch_dtype`, or `dtype` in transformers 5), if any."""
+    value = cfg.get("torch_dtype") or cfg.get("dtype")
+    try:
+        return parse_user_dtype(value) if isinstance(value, str) else None
+    except UsageError:
+        return None
+
+
 def convert(spec: ModelSpec, input_path: str, output_path: str, *, reverse: bool, options: Options) -> Result:
     source = open_input(input_path)
     _check_not_input(source, output_path)
     cfg = load_config(source, options.config_path, options.flags)
-    keep_tied = output_kind(output_path, reverse) in ("pickle", "ckpt")  # HF safetensors omit a tied head
-    plan = build_plan(spec, source.refs, reverse=reverse, dtype=options.dtype, cfg=cfg,
-                      allow_unmapped=options.allow_unmapped, keep_tied=keep_tied)
-    layout = plan_layout(output_path, reverse, plan.entries, options.max_shard_bytes)
+    kind = output_kind(output_path, reverse)
+    hf_files = reverse and kind in ("folder", "safetensors")
+    dtype = options.dtype or (config_dtype(cfg) if hf_files else None)
+    plan = build_plan(spec, source.refs, reverse=reverse, dtype=dtype, cfg=cfg,
+                      allow_unmapped=options.allow_unmapped, keep_tied=not hf_files)
+    layout = plan_layout(output_path, reverse, plan.entries, options.max_shard_bytes, spec.pickle_wrap)
     result = Result(source, plan, layout)
     if options.dry_run:
         return result

@@ -156,6 +156,7 @@ class Rule:
     why: str = ""  # for drops: shown in the summary of what was left out
     gather: str | None = None  # a capture whose every value feeds one application (e.g. experts {e})
     ms_dtype: str | None = None  # dtype MindFormers forces for this tensor when --dtype is absent
+    when: Callable[[Config], bool] | None = field(default=None, compare=False)  # active only if true
 
     def side(self, reverse: bool) -> tuple[tuple[Pattern, ...], tuple[Pattern, ...]]:
         """(source patterns, target patterns) for this direction."""
@@ -209,10 +210,13 @@ class ModelSpec:
     forward_dtype: str | None = None  # MS dtype when --dtype is absent (None: keep the source dtype)
     tied: tuple[str, str] | None = None  # (output head, embedding) HF names shared when tie_word_embeddings
     family: str = ""  # the key whose declaration this one reuses ("" = itself)
+    pickle_wrap: str | None = None  # reverse .bin holds {pickle_wrap: state_dict} (vit/mae/blip), else flat
     extra_rules: tuple[Rule, ...] = field(default=TRAINING_STATE, repr=False)
 
-    def all_rules(self) -> tuple[Rule, ...]:
-        return self.rules + self.extra_rules
+    def all_rules(self, cfg: Config | None = None) -> tuple[Rule, ...]:
+        """The rules in force: all of them, or (given a config) those whose `when` holds."""
+        rules = self.rules + self.extra_rules
+        return rules if cfg is None else tuple(r for r in rules if r.when is None or r.when(cfg))
 
     def variant(self, key: str, description: str, **changes) -> "ModelSpec":
         """The same declaration under another key (e.g. yi and deepseek reuse llama's)."""

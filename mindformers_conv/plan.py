@@ -86,14 +86,15 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 def build_plan(spec: ModelSpec, refs: dict[str, TensorRef], *, reverse: bool, dtype: DType | None,
-               cfg: Config, allow_unmapped: bool = False, keep_tied: bool = True) -> Plan:
+               cfg: Config, allow_unmapped: bool = False, keep_tied: bool = True,
+               mindformers_defaults: bool = True) -> Plan:
     """Match every source name against the rules (first match wins) and derive the targets.
 
     `dtype` is the cast asked for; without it the forward uses the rule's or the model's MindFormers
-    default and the reverse keeps each tensor's dtype.
+    default dtype (unless `mindformers_defaults` is off) and the reverse keeps each tensor's dtype.
     """
     refs = _with_tied_alias(spec, refs, reverse, cfg)
-    rules = spec.all_rules()
+    rules = spec.all_rules(cfg)
     groups: dict[tuple, dict[tuple, TensorRef]] = {}
     unmapped = []
     for name, ref in refs.items():
@@ -120,7 +121,9 @@ def build_plan(spec: ModelSpec, refs: dict[str, TensorRef], *, reverse: bool, dt
         if rule.op is DROP:
             plan.dropped.setdefault(rule.why, []).extend(s.name for s in sources)
             continue
-        target = dtype or (None if reverse else dtypes.BY_CODE.get(rule.ms_dtype or spec.forward_dtype or ""))
+        target = dtype
+        if target is None and mindformers_defaults and not reverse:
+            target = dtypes.BY_CODE.get(rule.ms_dtype or spec.forward_dtype or "")
         group = _group(rule, sources, dict(caps), reverse, cfg, target)
         for index, name in enumerate(group.targets):
             if name in produced:

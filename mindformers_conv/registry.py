@@ -59,7 +59,7 @@ def detect(cfg: dict, names: list[str], reverse: bool) -> tuple[ModelSpec, str]:
     if by_type:
         evidence = f"config.json model_type {model_type!r}" if model_type else "config.json architectures"
         return _one(by_type, evidence), evidence
-    fits = [m for m in models.values() if all(match_rule(m.all_rules(), n, reverse) for n in names)]
+    fits = [m for m in models.values() if all(match_rule(m.all_rules(cfg), n, reverse) for n in names)]
     if not fits:
         raise BadInput("--model auto: no registered model knows these tensor names; pass --model")
     return _one(fits, "the tensor names"), "the tensor names"

@@ -19,7 +19,7 @@ def verify(plan: Plan, layout: Layout, source: Source) -> int:
     """
     written = open_input(layout.folder or layout.files[0].path)
     back = build_plan(plan.spec, written.refs, reverse=not plan.reverse, dtype=None, cfg=plan.cfg,
-                      keep_tied=True)
+                      keep_tied=True, mindformers_defaults=False)
     used = {s.name for t in plan.tensors for s in t.group.sources if s.name in source.refs}
     produced = set()
     for group in {id(t.group): t.group for t in back.tensors}.values():

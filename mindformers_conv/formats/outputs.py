@@ -31,13 +31,14 @@ class FileSpec:
     kind: str  # "ckpt" | "safetensors" | "pickle"
     entries: list[Entry]
     metadata: dict[str, str] = field(default_factory=dict)
+    pickle_wrap: str | None = None  # torch pickle holds {pickle_wrap: state_dict} instead of a flat dict
 
     def open_writer(self, out: OutputFile, ckpt_slice_bytes: int = ms_ckpt.SLICE_BYTES):
         if self.kind == "ckpt":
             return ms_ckpt.CkptWriter(out, ckpt_slice_bytes)
         if self.kind == "safetensors":
             return SafetensorsWriter(out, self.entries, self.metadata)
-        return PickleWriter(out, self.entries)
+        return PickleWriter(out, self.entries, self.pickle_wrap)
 
 
 @dataclass
@@ -59,7 +60,8 @@ def output_kind(path: str, reverse: bool) -> str:
     return "ckpt"
 
 
-def plan_layout(output_path: str, reverse: bool, entries: list[Entry], max_shard_bytes: int) -> Layout:
+def plan_layout(output_path: str, reverse: bool, entries: list[Entry], max_shard_bytes: int,
+                pickle_wrap: str | None = None) -> Layout:
     kind = output_kind(output_path, reverse)
     metadata = hf_safetensors.METADATA if reverse else ms_safetensors.METADATA
     if kind == "folder":
@@ -69,7 +71,7 @@ def plan_layout(output_path: str, reverse: bool, entries: list[Entry], max_shard
         path = path.with_name(path.name + ".ckpt")  # as mindspore.save_checkpoint does
     if path.parent and not path.parent.is_dir():
         raise UsageError(f"output folder {path.parent} does not exist")
-    return Layout([FileSpec(path, kind, entries, metadata if kind == "safetensors" else {})])
+    return Layout([FileSpec(path, kind, entries, metadata if kind == "safetensors" else {}, pickle_wrap)])
 
 
 def _folder(folder: Path, reverse: bool, entries: list[Entry], max_shard_bytes: int, metadata) -> Layout:
