@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="number of layers, where config.json does not tell")
     _flag(p, "--is_pretrain", "Swin: the checkpoint is a pre-training (SimMIM) one")
     p.add_argument("--telechat_type", help="TeleChat variant, e.g. telechat_12b")
+    _flag(p, "--qkv_concat", "write fused q/k/v (and gate/up) where the model supports it")
+    _flag(p, "--use_gmm", "MoE experts in the grouped-matmul layout [E, in, out]")
     _flag(p, "--dry-run", "plan only: files, tensors, bytes, predicted peak memory (reads headers only)")
     _flag(p, "--verify", "after writing, convert the output back and compare every tensor's bytes")
     _flag(p, "--allow-unmapped", "leave out tensors the mapping does not know (listed) instead of stopping")
@@ -79,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("n_head", "hidden_size", "layers", "telechat_type")
              if getattr(args, k) is not None}
-    if args.is_pretrain:
-        flags["is_pretrain"] = True
+    flags.update({k: True for k in ("is_pretrain", "qkv_concat", "use_gmm") if getattr(args, k)})
     options = Options(dtype=parse_user_dtype(args.dtype), allow_unmapped=args.allow_unmapped,
                       dry_run=args.dry_run, verify=args.verify,
                       progress=not args.no_progress and sys.stderr.isatty(),

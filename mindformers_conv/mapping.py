@@ -211,6 +211,7 @@ class ModelSpec:
     tied: tuple[str, str] | None = None  # (output head, embedding) HF names shared when tie_word_embeddings
     family: str = ""  # the key whose declaration this one reuses ("" = itself)
     pickle_wrap: str | None = None  # reverse .bin holds {pickle_wrap: state_dict} (vit/mae/blip), else flat
+    layers_flag: bool = False  # --layers N converts layers {i} < N only (gpt, wizardcoder)
     extra_rules: tuple[Rule, ...] = field(default=TRAINING_STATE, repr=False)
 
     def all_rules(self, cfg: Config | None = None) -> tuple[Rule, ...]:

@@ -96,18 +96,22 @@ def build_plan(spec: ModelSpec, refs: dict[str, TensorRef], *, reverse: bool, dt
     refs = _with_tied_alias(spec, refs, reverse, cfg)
     rules = spec.all_rules(cfg)
     groups: dict[tuple, dict[tuple, TensorRef]] = {}
-    unmapped = []
+    unmapped: list[str] = []
+    plan_dropped: dict[str, list[str]] = {}
     for name, ref in refs.items():
         key = match_rule(rules, name, reverse)
         if key is None:
             unmapped.append(name)
             continue
         rule_index, caps, pattern_index = key
+        if spec.layers_flag and "layers" in cfg and int(dict(caps).get("i", -1)) >= int(cfg["layers"]):
+            plan_dropped.setdefault(f"layer beyond --layers {cfg['layers']}", []).append(name)
+            continue
         gathered = dict(caps).get(rules[rule_index].gather) if rules[rule_index].gather else None
         if gathered is not None:
             caps = tuple(c for c in caps if c[0] != rules[rule_index].gather)
         groups.setdefault((rule_index, caps), {})[(pattern_index, gathered)] = ref
-    plan = Plan(spec, reverse, cfg, [])
+    plan = Plan(spec, reverse, cfg, [], plan_dropped)
     produced: dict[str, str] = {}
     for (rule_index, caps), members in groups.items():
         rule = rules[rule_index]

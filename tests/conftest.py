@@ -68,3 +68,21 @@ def tiny_llama(tmp_path):
         return write_llama(tmp_path / name, shape, dtype=dtype, seed=seed, max_shard_bytes=max_shard_bytes, fmt=fmt)
 
     return build
+
+
+def write_hf(folder: Path, tensors: dict, config: dict | None = None, fmt: str = "safetensors") -> Path:
+    """A HF-style folder from a {name: torch.Tensor} dict (for families without a synthetic builder)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if fmt == "safetensors":
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, folder / "pytorch_model.bin")
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
