@@ -11,7 +11,9 @@ import io
 import os
 import pickle
 import struct
+import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,11 +29,129 @@ _STORAGE_CLASS = {
     torch.bfloat16: "BFloat16Storage", torch.int64: "LongStorage", torch.int32: "IntStorage",
     torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage", torch.bool: "BoolStorage",
 }
+_STORAGE_DTYPE = {name: dtype for dtype, name in _STORAGE_CLASS.items()}
 
 
 def read(path: Path) -> dict[str, TensorRef]:
-    """Tensors of a torch pickle, loaded lazily (mmap) and without running code from the file."""
+    """Tensors of a torch pickle, without running code from the file and without reading tensor data.
+
+    A torch zip is indexed directly: `data.pkl` is unpickled with an allow-list that knows only tensors,
+    storages and OrderedDict, and each tensor becomes byte ranges of its stored record (zero-copy).
+    Anything else (legacy format, unusual pickles) goes through `torch.load(weights_only=True)`.
+    """
     path = Path(path)
+    if zipfile.is_zipfile(path):
+        try:
+            return _index_zip(path)
+        except _NotPlainWeights:
+            pass
+    return _torch_load(path)
+
+
+class _NotPlainWeights(Exception):
+    """data.pkl holds something besides tensors in (nested) dicts; let torch's safe loader judge it."""
+
+
+@dataclass
+class _StoredTensor:
+    key: str
+    dtype: torch.dtype
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, path: Path):
+        super().__init__(io.BytesIO(data))
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *rest: _StoredTensor(
+                storage[0], storage[1], offset, tuple(size), tuple(stride))
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda data, *rest: data
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPE:
+            return _STORAGE_DTYPE[name]
+        if module.split(".")[0] in ("torch", "collections", "numpy"):
+            raise _NotPlainWeights(f"{module}.{name}")  # maybe benign: torch's weights_only loader decides
+        raise BadInput(f"{self.path}: refused: the pickle calls {module}.{name}, which is not plain weights "
+                       "(nothing in it was run)")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise _NotPlainWeights(repr(pid)[:80])
+        return pid[2], pid[1]
+
+
+def _index_zip(path: Path) -> dict[str, TensorRef]:
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if pkl is None:
+            raise _NotPlainWeights("no data.pkl")
+        prefix = pkl[: -len("data.pkl")]
+        try:
+            state = _IndexUnpickler(zf.read(pkl), path).load()
+        except (_NotPlainWeights, BadInput):
+            raise
+        except Exception as e:
+            raise BadInput(f"{path}: corrupt data.pkl ({e})") from None
+        state = _unwrap(state, path, _StoredTensor)
+        records = {}
+        with open(path, "rb") as f:
+            for key in {t.key for t in state.values()}:
+                records[key] = _record_span(zf, f, f"{prefix}data/{key}", path)
+    return {name: _ref(path, name, t, records[t.key]) for name, t in state.items()}
+
+
+def _record_span(zf: zipfile.ZipFile, f, name: str, path: Path) -> tuple[int, int]:
+    """(data offset, length) of a stored zip record, from its local header."""
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise BadInput(f"{path}: storage record {name} is missing") from None
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _NotPlainWeights("compressed record")
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise BadInput(f"{path}: corrupt zip header for {name}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _ref(path: Path, name: str, t: _StoredTensor, span: tuple[int, int]) -> TensorRef:
+    dtype = dtypes.from_torch(t.dtype)
+    count = 1
+    for d in t.size:
+        count *= d
+    extent = t.offset + 1 + sum((d - 1) * s for d, s in zip(t.size, t.stride)) if count else 0
+    start, length = span
+    if extent * dtype.itemsize > length:
+        raise BadInput(f"{path}: tensor {name!r} reaches past its storage record")
+    contiguous = list(t.stride) == _contiguous_strides(t.size)
+    if contiguous or count <= 1:
+        nbytes = count * dtype.itemsize
+        ranges = ((str(path), start + t.offset * dtype.itemsize, nbytes),) if nbytes else ()
+        return TensorRef(name, dtype, t.size, ranges)
+    storage = TensorRef(name, dtype, (extent,), ((str(path), start, extent * dtype.itemsize),))
+    return TensorRef(name, dtype, t.size,
+                     loader=lambda: storage.read().as_strided(t.size, t.stride, t.offset).contiguous())
+
+
+def _contiguous_strides(size: tuple[int, ...]) -> list[int]:
+    strides, acc = [], 1
+    for d in reversed(size):
+        strides.append(acc)
+        acc *= d
+    return list(reversed(strides))
+
+
+def _torch_load(path: Path) -> dict[str, TensorRef]:
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -39,25 +159,22 @@ def read(path: Path) -> dict[str, TensorRef]:
             if "mmap" not in str(e):
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
-        raise BadInput(f"{path}: refused to load a pickle that is not plain weights ({first})") from None
+    except pickle.UnpicklingError:
+        raise BadInput(f"{path}: refused: the pickle holds objects that are not plain weights "
+                       "(nothing in it was run)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise BadInput(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
-    state = _unwrap(state, path)
-    refs = {}
-    for name, tensor in state.items():
-        refs[name] = TensorRef(name, dtypes.from_torch(tensor.dtype), tuple(tensor.shape),
-                               loader=lambda t=tensor: t)
-    return refs
+    state = _unwrap(state, path, torch.Tensor)
+    return {name: TensorRef(name, dtypes.from_torch(t.dtype), tuple(t.shape), loader=lambda t=t: t)
+            for name, t in state.items()}
 
 
-def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
+def _unwrap(state, path: Path, leaf: type) -> dict:
     """A flat state dict, or one wrapped as {'model': …} / {'state_dict': …} as some tools save it."""
     for key in ("model", "state_dict", "module"):
         if isinstance(state, dict) and len(state) == 1 and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, leaf) for v in state.values()):
         raise BadInput(f"{path}: not a flat state dict of tensors")
     return state
 
