@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -12,6 +13,7 @@ from .dtypes import parse_user_dtype
 from .errors import ConvError, UsageError
 from .formats.inputs import open_input
 from .formats.outputs import parse_size
+from .inspection import diff_checkpoints, inspect_checkpoint
 
 
 def str2bool(text: str) -> bool:
@@ -69,6 +71,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] in TOOLS:
+            return TOOLS[argv[0]](argv[1:])
         return _run(parse(argv))
     except ConvError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -97,6 +101,48 @@ def _run(args: argparse.Namespace) -> int:
     result = convert(spec, args.input_path, args.output_path, reverse=args.reversed, options=options)
     _report(result, time.perf_counter() - start, options)
     return 0
+
+
+def _inspect(argv: list[str]) -> int:
+    p = _Parser(prog="mindformers-conv inspect", description="List a checkpoint's tensors (headers only).")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(argv)
+    info = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(t["name"]) for t in info["tensors"])
+    for t in info["tensors"]:
+        print(f"{t['name']:<{width}}  {t['dtype']:<5} {str(t['shape']):<20} {_human(t['bytes'])}")
+    family = info["family"]
+    family = f"{family['key']} (from {family['from']})" if family["key"] else f"not decided ({family['from']})"
+    print(f"{info['total_tensors']} tensors, {_human(info['total_bytes'])}, format {info['format']}, "
+          f"{len(info['files'])} file(s), model {family}")
+    return 0
+
+
+def _diff(argv: list[str]) -> int:
+    p = _Parser(prog="mindformers-conv diff", description="Compare two checkpoints tensor by tensor; exit 0 only "
+                "when equal. With --model, A is mapped into B's naming first (e.g. a HF folder against its .ckpt).")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--model", help="model key whose mapping relates A and B")
+    args = p.parse_args(argv)
+    result = diff_checkpoints(args.a, args.b, registry.get(args.model) if args.model else None)
+    for name in result.missing:
+        print(f"missing in B: {name}")
+    for name in result.extra:
+        print(f"only in B: {name}")
+    for line in result.different:
+        print(f"differs: {line}")
+    verdict = "equal" if result.equal else "DIFFERENT"
+    print(f"{verdict}: {result.compared} tensors compared, {len(result.different)} differ, "
+          f"{len(result.missing)} missing, {len(result.extra)} extra")
+    return 0 if result.equal else 1
+
+
+TOOLS = {"inspect": _inspect, "diff": _diff}
 
 
 def _report(result: Result, seconds: float, options: Options) -> None:
