@@ -172,8 +172,12 @@ def _complete(rule: Rule, caps: dict, members: dict[tuple, TensorRef], reverse: 
 
 
 def _with_tied_alias(spec: ModelSpec, refs: dict[str, TensorRef], reverse: bool, cfg: Config):
-    """Forward with tie_word_embeddings: an HF file stores no head; MindFormers' state_dict() emits one."""
-    if reverse or not spec.tied or not cfg.get("tie_word_embeddings"):
+    """Forward of a tied model: the HF file stores no head; MindFormers' state_dict() emits one.
+
+    Tied unless config.json says `tie_word_embeddings: false`: transformers' own default is true, and
+    `save_pretrained` omits values equal to the default (GPTBigCode writes no such key).
+    """
+    if reverse or not spec.tied or cfg.get("tie_word_embeddings", True) is False:
         return refs
     head, embedding = spec.tied
     if head in refs or embedding not in refs:

@@ -27,3 +27,18 @@ def test_readme_supported_keys_table_equals_registry():
 def test_readme_names_the_two_commands():
     text = (ROOT / "README.md").read_text()
     assert re.search(r"^make demo\b", text, re.M) and re.search(r"^make test\b", text, re.M)
+
+
+def rewrite_readme_keys_table() -> None:
+    """`python tests/test_readme.py` regenerates the keys table from the registry."""
+    path = ROOT / "README.md"
+    text = path.read_text()
+    head, rest = text.split("<!-- keys:start -->")
+    table, tail = rest.split("<!-- keys:end -->")
+    header = "\n".join(table.strip().splitlines()[:2])
+    rows = "\n".join(registry_table())
+    path.write_text(f"{head}<!-- keys:start -->\n{header}\n{rows}\n<!-- keys:end -->{tail}")
+
+
+if __name__ == "__main__":
+    rewrite_readme_keys_table()

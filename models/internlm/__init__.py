@@ -1,0 +1,1 @@
+"""InternLM v1: the llama declaration under its own key."""

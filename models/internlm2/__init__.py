@@ -1,0 +1,1 @@
+"""InternLM2 (InternLM2-7B/20B, remote code)."""

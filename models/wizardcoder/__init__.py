@@ -1,0 +1,1 @@
+"""WizardCoder-15B (StarCoder / GPTBigCode, multi-query attention)."""
