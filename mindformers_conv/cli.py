@@ -8,10 +8,9 @@ import sys
 import time
 
 from . import registry
-from .convert import Options, Result, convert, load_config
+from .convert import Options, Result, convert
 from .dtypes import parse_user_dtype
 from .errors import ConvError, UsageError
-from .formats.inputs import open_input
 from .formats.outputs import parse_size
 from .inspection import diff_checkpoints, inspect_checkpoint
 
@@ -90,13 +89,7 @@ def _run(args: argparse.Namespace) -> int:
                       dry_run=args.dry_run, verify=args.verify,
                       progress=not args.no_progress and sys.stderr.isatty(),
                       max_shard_bytes=parse_size(args.max_shard_size), config_path=args.config_path, flags=flags)
-    if args.model == "auto":
-        source = open_input(args.input_path)
-        cfg = load_config(source, args.config_path, flags)
-        spec, evidence = registry.detect(cfg, list(source.refs), args.reversed)
-        print(f"model: {spec.key} (detected from {evidence})")
-    else:
-        spec = registry.get(args.model)
+    spec = None if args.model == "auto" else registry.get(args.model)
     start = time.perf_counter()
     result = convert(spec, args.input_path, args.output_path, reverse=args.reversed, options=options)
     _report(result, time.perf_counter() - start, options)
@@ -152,6 +145,8 @@ def _report(result: Result, seconds: float, options: Options) -> None:
     files = [str(f.path) for f in layout.files]
     where = str(layout.folder) if layout.folder else files[0]
     size = _human(plan.total_bytes)
+    if result.model:
+        print(result.model)
     if options.dry_run:
         print(f"plan ({plan.spec.key}, {direction}): read {len(result.source.refs)} tensors, "
               f"{_human(result.source.total_bytes)} from {len(result.source.files)} file(s)")

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import registry
 from .dtypes import DType, parse_user_dtype
 from .errors import BadInput, UsageError
 from .execute import execute
@@ -35,6 +36,7 @@ class Result:
     source: Source
     plan: Plan
     layout: Layout
+    model: str = ""  # which key converted, and why, when it was detected or picked from the input
     verified: int | None = None
 
 
@@ -70,17 +72,20 @@ def config_dtype(cfg: Config) -> DType | None:
         return None
 
 
-def convert(spec: ModelSpec, input_path: str, output_path: str, *, reverse: bool, options: Options) -> Result:
+def convert(spec: ModelSpec | None, input_path: str, output_path: str, *, reverse: bool,
+            options: Options) -> Result:
+    """`spec` None is `--model auto`: the key comes from config.json or the tensor names."""
     source = open_input(input_path)
     _check_not_input(source, output_path)
     cfg = load_config(source, options.config_path, options.flags)
+    spec, model = _choose_model(spec, cfg, list(source.refs), reverse)
     kind = output_kind(output_path, reverse)
     hf_files = reverse and kind in ("folder", "safetensors")
     dtype = options.dtype or (config_dtype(cfg) if hf_files else None)
     plan = build_plan(spec, source.refs, reverse=reverse, dtype=dtype, cfg=cfg,
                       allow_unmapped=options.allow_unmapped, keep_tied=not hf_files)
     layout = plan_layout(output_path, reverse, plan.entries, options.max_shard_bytes, spec.pickle_wrap)
-    result = Result(source, plan, layout)
+    result = Result(source, plan, layout, model)
     if options.dry_run:
         return result
     if layout.folder is not None:
@@ -93,6 +98,14 @@ def convert(spec: ModelSpec, input_path: str, output_path: str, *, reverse: bool
     if options.verify:
         result.verified = verify(plan, layout, source)
     return result
+
+
+def _choose_model(spec: ModelSpec | None, cfg: Config, names: list[str], reverse: bool) -> tuple[ModelSpec, str]:
+    if spec is None:
+        spec, evidence = registry.detect(cfg, names, reverse)
+        return spec, f"model: {spec.key} (detected from {evidence})"
+    spec, why = registry.resolve(spec, cfg, names, reverse)
+    return spec, f"model: {spec.key} ({why})" if why else ""
 
 
 def _check_not_input(source: Source, output_path: str) -> None:

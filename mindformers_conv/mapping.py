@@ -212,6 +212,7 @@ class ModelSpec:
     family: str = ""  # the key whose declaration this one reuses ("" = itself)
     pickle_wrap: str | None = None  # reverse .bin holds {pickle_wrap: state_dict} (vit/mae/blip), else flat
     layers_flag: bool = False  # --layers N converts layers {i} < N only (gpt, wizardcoder)
+    covers: tuple[str, ...] = ()  # other keys this key also accepts, picked from the input (qwen → qwen2)
     extra_rules: tuple[Rule, ...] = field(default=TRAINING_STATE, repr=False)
 
     def all_rules(self, cfg: Config | None = None) -> tuple[Rule, ...]:

@@ -7,6 +7,7 @@ Built-in families live in `models/<family>/declaration.py`; other packages add t
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from importlib.metadata import entry_points
 
@@ -34,7 +35,7 @@ def load_models() -> dict[str, ModelSpec]:
         import models
 
         for info in pkgutil.iter_modules(models.__path__):
-            if info.ispkg:
+            if info.ispkg and importlib.util.find_spec(f"models.{info.name}.declaration"):
                 importlib.import_module(f"models.{info.name}.declaration")
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             importlib.import_module(ep.value)
@@ -50,19 +51,41 @@ def get(key: str) -> ModelSpec:
 
 def detect(cfg: dict, names: list[str], reverse: bool) -> tuple[ModelSpec, str]:
     """--model auto: from config.json (model_type, then architectures), else from the tensor names."""
-    models = load_models()
-    model_type = cfg.get("model_type")
-    by_type = [m for m in models.values() if model_type in m.model_types]
-    if not by_type:
-        archs = cfg.get("architectures") or []
-        by_type = [m for m in models.values() if set(archs) & set(m.architectures)]
-    if by_type:
-        evidence = f"config.json model_type {model_type!r}" if model_type else "config.json architectures"
-        return _one(by_type, evidence), evidence
-    fits = [m for m in models.values() if all(match_rule(m.all_rules(cfg), n, reverse) for n in names)]
+    models = list(load_models().values())
+    by_config, evidence = _by_config(models, cfg)
+    if by_config:
+        return _one(by_config, evidence), evidence
+    fits = _by_names(models, cfg, names, reverse)
     if not fits:
         raise BadInput("--model auto: no registered model knows these tensor names; pass --model")
     return _one(fits, "the tensor names"), "the tensor names"
+
+
+def resolve(spec: ModelSpec, cfg: dict, names: list[str], reverse: bool) -> tuple[ModelSpec, str | None]:
+    """A key that covers others (`qwen` → Qwen1.5/Qwen2) picks the layout the input has; says why."""
+    if not spec.covers:
+        return spec, None
+    candidates = [spec, *(get(key) for key in spec.covers)]
+    by_config, evidence = _by_config(candidates, cfg)
+    if not by_config:
+        by_config, evidence = _by_names(candidates, cfg, names, reverse), "the tensor names"
+    if not by_config or any(m is spec for m in by_config):
+        return spec, None
+    picked = _one(by_config, evidence)
+    return picked, f"--model {spec.key}: {picked.key} layout (from {evidence})"
+
+
+def _by_config(models: list[ModelSpec], cfg: dict) -> tuple[list[ModelSpec], str]:
+    model_type = cfg.get("model_type")
+    found = [m for m in models if model_type in m.model_types]
+    if found:
+        return found, f"config.json model_type {model_type!r}"
+    archs = set(cfg.get("architectures") or [])
+    return [m for m in models if archs & set(m.architectures)], "config.json architectures"
+
+
+def _by_names(models: list[ModelSpec], cfg: dict, names: list[str], reverse: bool) -> list[ModelSpec]:
+    return [m for m in models if all(match_rule(m.all_rules(cfg), n, reverse) for n in names)]
 
 
 def _one(candidates: list[ModelSpec], evidence: str) -> ModelSpec:

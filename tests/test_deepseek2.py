@@ -213,3 +213,16 @@ def test_hidden_at_op_is_an_identity_that_checks_the_hidden_axis(e, rows, cols, 
     assert op.forward([x], {})[0] is x  # no hidden_size known: nothing to check
     with pytest.raises(ValueError, match="hidden_size"):
         op.backward([x], {"hidden_size": x.shape[axis] + 1})
+
+
+@pytest.mark.parametrize("evidence", ["config", "names"])
+def test_deepseek_key_picks_the_v2_layout_from_the_input(cli, deepseek2_hf, tmp_path, evidence):
+    """The guide's `--model deepseek` covers DeepSeek-V2: the input decides, and the CLI says so."""
+    _, hf = deepseek2_hf
+    if evidence == "names":
+        (hf / "config.json").unlink()
+    out = tmp_path / "ds.ckpt"
+    result = cli("--model", "deepseek", "--input_path", hf, "--output_path", out)
+    assert result.code == 0, result.err
+    assert "model: deepseek2 (--model deepseek: deepseek2 layout" in result.out
+    assert any(".feed_forward.routed_experts.ffn.w1.weight" in name for name in tensors_of(out))

@@ -38,5 +38,6 @@ LLAMA = register(ModelSpec(
 
 register(LLAMA.variant("yi", "Yi-6B/34B (Llama architecture)", model_types=("Yi", "yi"),
                        architectures=("YiForCausalLM",)))
+# MindFormers' guide lists DeepSeek-V2 under `--model deepseek` too: the input decides (registry.resolve).
 register(LLAMA.variant("deepseek", "DeepSeek-LLM / DeepSeek-Coder v1 (Llama architecture)",
-                       model_types=(), architectures=()))
+                       model_types=(), architectures=(), covers=("deepseek2",)))
