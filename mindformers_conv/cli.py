@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--telechat_type", help="TeleChat variant, e.g. telechat_12b")
     _flag(p, "--qkv_concat", "write fused q/k/v (and gate/up) where the model supports it")
     _flag(p, "--use_gmm", "MoE experts in the grouped-matmul layout [E, in, out]")
+    _flag(p, "--merge_lora", "fold LoRA A/B into the base weights (W + B·A·alpha/r, in fp32)")
+    p.add_argument("--lora_alpha", type=float, help="LoRA alpha, for --merge_lora and the PEFT adapter_config.json")
     _flag(p, "--dry-run", "plan only: files, tensors, bytes, predicted peak memory (reads headers only)")
     _flag(p, "--verify", "after writing, convert the output back and compare every tensor's bytes")
     _flag(p, "--allow-unmapped", "leave out tensors the mapping does not know (listed) instead of stopping")
@@ -88,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     options = Options(dtype=parse_user_dtype(args.dtype), allow_unmapped=args.allow_unmapped,
                       dry_run=args.dry_run, verify=args.verify,
                       progress=not args.no_progress and sys.stderr.isatty(),
-                      max_shard_bytes=parse_size(args.max_shard_size), config_path=args.config_path, flags=flags)
+                      max_shard_bytes=parse_size(args.max_shard_size), config_path=args.config_path, flags=flags,
+                      merge_lora=args.merge_lora, lora_alpha=args.lora_alpha)
     spec = None if args.model == "auto" else registry.get(args.model)
     start = time.perf_counter()
     result = convert(spec, args.input_path, args.output_path, reverse=args.reversed, options=options)

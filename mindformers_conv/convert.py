@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import registry
+from . import lora, registry
 from .dtypes import DType, parse_user_dtype
 from .errors import BadInput, UsageError
 from .execute import execute
@@ -28,6 +28,8 @@ class Options:
     max_shard_bytes: int = 5 * 10**9
     config_path: str | None = None
     ckpt_slice_bytes: int = SLICE_BYTES
+    merge_lora: bool = False  # fold LoRA A/B into their base weights (needs lora_alpha)
+    lora_alpha: float | None = None  # LoRA scale numerator: merging, and the PEFT adapter_config.json
     flags: dict = field(default_factory=dict)  # model-size flags (n_head, hidden_size, …) given on the CLI
 
 
@@ -77,6 +79,10 @@ def convert(spec: ModelSpec | None, input_path: str, output_path: str, *, revers
     """`spec` None is `--model auto`: the key comes from config.json or the tensor names."""
     source = open_input(input_path)
     _check_not_input(source, output_path)
+    if options.merge_lora and options.verify:
+        raise UsageError("--verify cannot check a --merge_lora output: merging is not reversible")
+    refs = source.refs if reverse else lora.from_peft(source.refs)
+    source = replace(source, refs=lora.merge(refs, options.lora_alpha) if options.merge_lora else refs)
     cfg = load_config(source, options.config_path, options.flags)
     spec, model = _choose_model(spec, cfg, list(source.refs), reverse)
     kind = output_kind(output_path, reverse)
@@ -84,15 +90,16 @@ def convert(spec: ModelSpec | None, input_path: str, output_path: str, *, revers
     dtype = options.dtype or (config_dtype(cfg) if hf_files else None)
     plan = build_plan(spec, source.refs, reverse=reverse, dtype=dtype, cfg=cfg,
                       allow_unmapped=options.allow_unmapped, keep_tied=not hf_files)
-    layout = plan_layout(output_path, reverse, plan.entries, options.max_shard_bytes, spec.pickle_wrap)
+    layout = plan_layout(output_path, reverse, plan.entries, options.max_shard_bytes, spec.pickle_wrap,
+                         options.lora_alpha)
     result = Result(source, plan, layout, model)
     if options.dry_run:
         return result
-    if layout.folder is not None:
+    for folder in {f.path.parent for f in layout.files} if layout.folder is not None else ():
         try:
-            layout.folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"cannot create output folder {layout.folder}: {e.strerror}") from None
+            raise UsageError(f"cannot create output folder {folder}: {e.strerror}") from None
     carry = Path(cfg["_path"]).parent if "_path" in cfg else source.folder
     execute(plan, layout, progress=options.progress, carry_from=carry, ckpt_slice_bytes=options.ckpt_slice_bytes)
     if options.verify:

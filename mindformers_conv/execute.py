@@ -52,7 +52,7 @@ def execute(plan: Plan, layout: Layout, *, progress: bool = True, carry_from: Pa
             written.append(out)
             writer = spec.open_writer(out, ckpt_slice_bytes)
             for name, dtype, shape in spec.entries:
-                writer.add(name, dtype, shape, groups.bytes_of(by_name[name]))
+                writer.add(spec.name_prefix + name, dtype, shape, groups.bytes_of(by_name[name]))
             writer.close()
             out.close()
         extras = []

@@ -198,6 +198,33 @@ TRAINING_STATE = tuple(drop_ms(p, "training state") for p in (
 ))
 
 
+# MindFormers' LoRA suffixes: mindpet's LoRADense (qwen, baichuan, …), the older llama/glm `tk_delta_lora`,
+# and the plain `lora` of `--is_lora` (v1.4+). Each has `_a` ([r, in]) and `_b` ([out, r]).
+LORA_STYLES = ("mindpet_delta_lora", "tk_delta_lora", "lora")
+
+
+def lora_rules(rules: tuple[Rule, ...], style: str) -> tuple[Rule, ...]:
+    """LoRA A/B of every renamed linear: HF `{module}.lora_A.weight` ↔ MS `{module'}.{style}_a`.
+
+    Derived from the plain renames of `….weight` / `….{p}` (a transposed or split weight has no such
+    simple LoRA counterpart, so its LoRA stays unmapped and is reported). Forward writes `style`; the
+    reverse reads every style.
+    """
+    derived = []
+    for rule in rules:
+        if rule.op is not IDENTITY or len(rule.hf) != 1 or len(rule.ms) != 1 or rule.gather:
+            continue
+        hf, ms = rule.hf[0].text, rule.ms[0].text
+        tail = next((t for t in (".weight", ".{p}") if hf.endswith(t) and ms.endswith(t)), None)
+        if tail is None:
+            continue
+        for suffix in (style, *(s for s in LORA_STYLES if s != style)):
+            for ab in ("a", "b"):
+                derived.append(Rule(_patterns(f"{hf[:-len(tail)]}.lora_{ab.upper()}.weight"),
+                                    _patterns(f"{ms[:-len(tail)]}.{suffix}_{ab}"), when=rule.when))
+    return tuple(derived)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One model key: its rules plus what --model auto and the default dtype need to know."""
@@ -213,11 +240,15 @@ class ModelSpec:
     pickle_wrap: str | None = None  # reverse .bin holds {pickle_wrap: state_dict} (vit/mae/blip), else flat
     layers_flag: bool = False  # --layers N converts layers {i} < N only (gpt, wizardcoder)
     covers: tuple[str, ...] = ()  # other keys this key also accepts, picked from the input (qwen → qwen2)
+    lora_style: str = "mindpet_delta_lora"  # MindFormers' LoRA parameter suffix (`…_a` / `…_b`) written forward
     extra_rules: tuple[Rule, ...] = field(default=TRAINING_STATE, repr=False)
 
     def all_rules(self, cfg: Config | None = None) -> tuple[Rule, ...]:
-        """The rules in force: all of them, or (given a config) those whose `when` holds."""
-        rules = self.rules + self.extra_rules
+        """The rules in force: all of them, or (given a config) those whose `when` holds.
+
+        LoRA rules come first: a MindSpore LoRA name (`….wq.tk_delta_lora_a`) would match `….wq.{p}`.
+        """
+        rules = lora_rules(self.rules, self.lora_style) + self.rules + self.extra_rules
         return rules if cfg is None else tuple(r for r in rules if r.when is None or r.when(cfg))
 
     def variant(self, key: str, description: str, **changes) -> "ModelSpec":

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import lora
 from ..dtypes import DType
 from ..errors import UsageError
 from ..outfile import OutputFile
@@ -32,13 +33,15 @@ class FileSpec:
     entries: list[Entry]
     metadata: dict[str, str] = field(default_factory=dict)
     pickle_wrap: str | None = None  # torch pickle holds {pickle_wrap: state_dict} instead of a flat dict
+    name_prefix: str = ""  # stored names are prefixed (a PEFT adapter's `base_model.model.`)
 
     def open_writer(self, out: OutputFile, ckpt_slice_bytes: int = ms_ckpt.SLICE_BYTES):
         if self.kind == "ckpt":
             return ms_ckpt.CkptWriter(out, ckpt_slice_bytes)
+        entries = [(self.name_prefix + n, d, s) for n, d, s in self.entries]
         if self.kind == "safetensors":
-            return SafetensorsWriter(out, self.entries, self.metadata)
-        return PickleWriter(out, self.entries, self.pickle_wrap)
+            return SafetensorsWriter(out, entries, self.metadata)
+        return PickleWriter(out, entries, self.pickle_wrap)
 
 
 @dataclass
@@ -61,11 +64,16 @@ def output_kind(path: str, reverse: bool) -> str:
 
 
 def plan_layout(output_path: str, reverse: bool, entries: list[Entry], max_shard_bytes: int,
-                pickle_wrap: str | None = None) -> Layout:
+                pickle_wrap: str | None = None, lora_alpha: float | None = None) -> Layout:
     kind = output_kind(output_path, reverse)
     metadata = hf_safetensors.METADATA if reverse else ms_safetensors.METADATA
     if kind == "folder":
-        return _folder(Path(output_path), reverse, entries, max_shard_bytes, metadata)
+        adapter = [e for e in entries if reverse and lora.is_hf_lora(e[0])]
+        base = [e for e in entries if e not in adapter]
+        layout = _folder(Path(output_path), reverse, base, max_shard_bytes, metadata)
+        if adapter:
+            _add_adapter(layout, adapter, lora_alpha)
+        return layout
     path = Path(output_path)
     if kind == "ckpt" and path.suffix != ".ckpt":
         path = path.with_name(path.name + ".ckpt")  # as mindspore.save_checkpoint does
@@ -86,6 +94,15 @@ def _folder(folder: Path, reverse: bool, entries: list[Entry], max_shard_bytes: 
     elif not reverse:
         extras[folder / ms_safetensors.PARAM_NAME_MAP] = ms_safetensors.param_name_map(weight_map)
     return Layout(files, extras, folder)
+
+
+def _add_adapter(layout: Layout, entries: list[Entry], alpha: float | None) -> None:
+    """LoRA of a HF output goes to `adapter/` as a PEFT adapter, beside the base weights."""
+    folder = layout.folder / lora.ADAPTER_FOLDER
+    layout.files.append(FileSpec(folder / lora.ADAPTER_WEIGHTS, "safetensors", entries, hf_safetensors.METADATA,
+                                 name_prefix=lora.PEFT_PREFIX))
+    rank = next(e[2][0] for e in entries if ".lora_A." in e[0])
+    layout.extras[folder / lora.ADAPTER_CONFIG] = lora.adapter_config([e[0] for e in entries], rank, alpha)
 
 
 def parse_size(text: str) -> int:

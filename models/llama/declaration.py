@@ -33,6 +33,7 @@ LLAMA = register(ModelSpec(
     architectures=("LlamaForCausalLM",),
     forward_dtype="F32",  # v1.3.2 loads through transformers 4.x, which materialises fp32 (§4.1 dtype)
     tied=("lm_head.weight", "model.embed_tokens.weight"),
+    lora_style="tk_delta_lora",  # MindFormers' llama LoRA parameters (§4.1 reverse)
     rules=(EMBEDDING, *ATTENTION_QKV, *BODY),
 ))
 
