@@ -1,0 +1,1 @@
+"""KnowLM-13B (LLaMA-based): the llama declaration under its own key."""

@@ -1,0 +1,1 @@
+"""Skywork-13B: the llama declaration under its own key (MindFormers' files are deepseek's)."""
