@@ -1,0 +1,1 @@
+"""MAE ViT pre-training (Facebook MAE `.pth`), encoder plus optional decoder."""

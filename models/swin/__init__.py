@@ -1,0 +1,1 @@
+"""Swin Transformer (Microsoft classification `.pth`, or SimMIM pre-training with --is_pretrain)."""
