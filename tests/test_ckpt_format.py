@@ -104,8 +104,7 @@ def test_output_path_without_suffix_gets_ckpt_appended_like_save_checkpoint(tiny
     assert_same(ms_tensors(written), tensors_of(written))
 
 
-# Slice sizes: a few pieces per big tensor; and more pieces than rows (np.array_split then yields
-# empty pieces, which MindSpore writes too).
+# Slice sizes: a few pieces per big tensor, and pieces smaller than a row.
 @pytest.mark.parametrize("slice_bytes", [4096, 100])
 @pytest.mark.parametrize("flag", ["bf16", "fp32"])
 def test_tensor_over_slice_size_is_several_same_tag_values_and_loads_identically(tiny_llama, tmp_path,
@@ -144,18 +143,22 @@ def test_tensor_over_slice_size_is_several_same_tag_values_and_loads_identically
     assert_same(ms_tensors(split), ours)
 
 
-def test_default_threshold_is_mindspores_slice_size_and_pieces_follow_array_split():
-    """512 MiB as MindSpore's SLICE_SIZE; our pieces are np.array_split's along axis 0 (MindSpore's numpy path)."""
-    import numpy as np
+@pytest.mark.parametrize("flag", ["bf16", "fp32"])
+def test_split_file_is_byte_identical_to_mindspores_own(tiny_llama, tmp_path, monkeypatch, flag):
+    """The threshold is MindSpore's SLICE_SIZE; with both lowered to 1 KiB, MindSpore 2.10's save_checkpoint
+    and our writer produce the same bytes (fixed-size byte chunks, the last one shorter)."""
     from mindspore.train import serialization
-    from mindformers_conv.formats.ms_ckpt import SLICE_BYTES, slice_rows
+    from mindformers_conv.formats.ms_ckpt import SLICE_BYTES
 
     assert SLICE_BYTES == serialization.SLICE_SIZE * 1024
-    rows, row_bytes = 70_001, 8192 * 2  # a 70001 × 8192 bf16 embedding: > 1 GiB
-    lengths = slice_rows((rows, 8192), rows * row_bytes, SLICE_BYTES)
-    assert len(lengths) == math.ceil(rows * row_bytes / SLICE_BYTES)
-    assert [len(p) * row_bytes for p in np.array_split(np.empty(rows, np.uint8), len(lengths))] == lengths
-    assert slice_rows((4, 4), 32, SLICE_BYTES) == [32]
+    ours = tmp_path / "ours.ckpt"
+    forward(tiny_llama(), ours, flag, slice_bytes=1024)
+    params = ms.load_checkpoint(str(ours))
+    monkeypatch.setattr(serialization, "SLICE_SIZE", 1)  # KiB
+    theirs = tmp_path / "theirs.ckpt"
+    ms.save_checkpoint([{"name": n, "data": p} for n, p in params.items()], str(theirs))
+    assert len(ckpt_values(theirs)) > 2 * len(params)
+    assert ours.read_bytes() == theirs.read_bytes()
 
 
 @pytest.mark.parametrize("crc", [False, True], ids=["plain", "crc_check"])

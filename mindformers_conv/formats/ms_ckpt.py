@@ -3,12 +3,12 @@
 `Value{string tag=1; TensorProto tensor=2}`, `TensorProto{repeated int64 dims=1; string tensor_type=2;
 bytes tensor_content=3}`. The reader indexes content offsets without loading them; the writer emits
 each Value's framing then streams its bytes. Tensors over `SLICE_BYTES` are written as several
-consecutive same-tag Values, split along axis 0 like `np.array_split`, as MindSpore does.
+consecutive same-tag Values of `SLICE_BYTES` each (the last one shorter), as MindSpore 2.10's
+`save_checkpoint` writes a Tensor (its `_write_parameter_bytes_data`), so our files are byte-identical to its.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from .. import dtypes
@@ -46,13 +46,11 @@ def _value_framing(name: str, dtype: dtypes.DType, shape: Shape, content_len: in
     return _varint(1 << 3 | 2) + _varint(value_len) + value_head
 
 
-def slice_rows(shape: Shape, nbytes: int, slice_bytes: int) -> list[int]:
-    """Byte length of each Value for one tensor: one piece, or np.array_split's pieces along axis 0."""
-    if nbytes <= slice_bytes or not shape:
+def slice_lengths(nbytes: int, slice_bytes: int) -> list[int]:
+    """Byte length of each Value for one tensor: chunks of `slice_bytes`, the last one shorter."""
+    if nbytes <= slice_bytes:
         return [nbytes]
-    count = math.ceil(nbytes / slice_bytes)
-    rows, row_bytes = shape[0], nbytes // shape[0]
-    return [(rows // count + (1 if i < rows % count else 0)) * row_bytes for i in range(count)]
+    return [min(slice_bytes, nbytes - start) for start in range(0, nbytes, slice_bytes)]
 
 
 class CkptWriter:
@@ -66,7 +64,7 @@ class CkptWriter:
         if dtype.ms is None:
             raise BadInput(f"tensor {name!r}: dtype {dtype.code} has no MindSpore checkpoint type")
         start = 0
-        for length in slice_rows(shape, data.nbytes, self.slice_bytes):
+        for length in slice_lengths(data.nbytes, self.slice_bytes):
             self.out.write(_value_framing(name, dtype, shape, length))
             data.write_to(self.out, start, length)
             start += length
