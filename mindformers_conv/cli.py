@@ -13,6 +13,7 @@ from .dtypes import parse_user_dtype
 from .errors import ConvError, UsageError
 from .formats.outputs import parse_size
 from .inspection import diff_checkpoints, inspect_checkpoint
+from .megatron.run import megatron_spec
 
 
 def str2bool(text: str) -> bool:
@@ -62,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--allow-unmapped", "leave out tensors the mapping does not know (listed) instead of stopping")
     _flag(p, "--no-progress", "no progress bar")
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard in folder outputs (5GB)")
+    m = p.add_argument_group("Megatron layout (MindSpeed-MM names; a Megatron --input_path is read as is, "
+                             "its layout discovered from the files)")
+    m.add_argument("--target", choices=("megatron",), help="write a Megatron checkpoint (from HF, or reshard one)")
+    m.add_argument("--tp", type=int, help="tensor-parallel size (default 1, or the input's)")
+    m.add_argument("--ep", type=int, help="expert-parallel size (default 1, or the input's)")
+    for name, what in (("llm", "language model"), ("vit", "vision tower")):
+        m.add_argument(f"--{name}_pp_layers", metavar="LIST",
+                       help=f"{what} layers per PP stage, e.g. 1,3, or per VPP chunk [[1,2],[2,1]]")
+    m.add_argument("--iteration", type=int, help="write iter_XXXXXXX instead of release")
+    m.add_argument("--make_vocab_size_divisible_by", type=int,
+                   help="pad the vocab to a multiple of N × TP (default: of TP)")
     return p
 
 
@@ -92,11 +104,17 @@ def _run(args: argparse.Namespace) -> int:
                       progress=not args.no_progress and sys.stderr.isatty(),
                       max_shard_bytes=parse_size(args.max_shard_size), config_path=args.config_path, flags=flags,
                       merge_lora=args.merge_lora, lora_alpha=args.lora_alpha)
-    spec = None if args.model == "auto" else registry.get(args.model)
+    options.target, options.parallel = args.target, {k: getattr(args, k) for k in MEGATRON_FLAGS}
+    spec = megatron_spec(args.model, args.target, args.input_path, args.config_path, flags)
+    if spec is None:
+        spec = None if args.model == "auto" else registry.get(args.model)
     start = time.perf_counter()
     result = convert(spec, args.input_path, args.output_path, reverse=args.reversed, options=options)
     _report(result, time.perf_counter() - start, options)
     return 0
+
+
+MEGATRON_FLAGS = ("tp", "ep", "llm_pp_layers", "vit_pp_layers", "iteration", "make_vocab_size_divisible_by")
 
 
 def _inspect(argv: list[str]) -> int:
@@ -143,7 +161,7 @@ TOOLS = {"inspect": _inspect, "diff": _diff}
 
 def _report(result: Result, seconds: float, options: Options) -> None:
     plan, layout = result.plan, result.layout
-    direction = "MindSpore → HF" if plan.reverse else "HF → MindSpore"
+    direction = result.direction or ("MindSpore → HF" if plan.reverse else "HF → MindSpore")
     dtypes = ", ".join(sorted({t.dtype.code for t in plan.tensors}))
     files = [str(f.path) for f in layout.files]
     where = str(layout.folder) if layout.folder else files[0]

@@ -31,6 +31,8 @@ class Options:
     merge_lora: bool = False  # fold LoRA A/B into their base weights (needs lora_alpha)
     lora_alpha: float | None = None  # LoRA scale numerator: merging, and the PEFT adapter_config.json
     flags: dict = field(default_factory=dict)  # model-size flags (n_head, hidden_size, …) given on the CLI
+    target: str | None = None  # "megatron": write (or reshard into) a Megatron checkpoint
+    parallel: dict = field(default_factory=dict)  # Megatron layout flags: tp, ep, llm_pp_layers, … (None = default)
 
 
 @dataclass
@@ -40,17 +42,22 @@ class Result:
     layout: Layout
     model: str = ""  # which key converted, and why, when it was detected or picked from the input
     verified: int | None = None
+    direction: str | None = None  # for the report, when not HF ↔ MindSpore (Megatron conversions)
 
 
 def load_config(source: Source, config_path: str | None, flags: dict) -> Config:
     """config.json from --config_path (file or folder) or beside the input; CLI size flags fill gaps."""
+    return load_config_in(source.folder, config_path, flags)
+
+
+def load_config_in(folder: Path, config_path: str | None, flags: dict) -> Config:
     if config_path:
         path = Path(config_path)
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise UsageError(f"--config_path {config_path}: no config.json there")
     else:
-        path = source.folder / "config.json"
+        path = folder / "config.json"
     cfg: Config = {}
     if path.is_file():
         try:
@@ -75,10 +82,17 @@ def config_dtype(cfg: Config) -> DType | None:
 
 
 def convert(spec: ModelSpec | None, input_path: str, output_path: str, *, reverse: bool,
-            options: Options) -> Result:
-    """`spec` None is `--model auto`: the key comes from config.json or the tensor names."""
-    source = open_input(input_path)
-    _check_not_input(source, output_path)
+            options: Options, source: Source | None = None) -> Result:
+    """`spec` None is `--model auto`: the key comes from config.json or the tensor names.
+
+    A Megatron declaration (spec.megatron) goes to the Megatron backend; `source`: an input already
+    opened (a Megatron checkpoint read as full tensors).
+    """
+    if spec is not None and spec.megatron is not None:
+        from .megatron.run import convert_megatron
+        return convert_megatron(spec, input_path, output_path, reverse=reverse, options=options)
+    source = source or open_input(input_path)
+    check_not_input(source, output_path)
     if options.merge_lora and options.verify:
         raise UsageError("--verify cannot check a --merge_lora output: merging is not reversible")
     refs = source.refs if reverse else lora.from_peft(source.refs)
@@ -115,7 +129,7 @@ def _choose_model(spec: ModelSpec | None, cfg: Config, names: list[str], reverse
     return spec, f"model: {spec.key} ({why})" if why else ""
 
 
-def _check_not_input(source: Source, output_path: str) -> None:
+def check_not_input(source: Source, output_path: str) -> None:
     out = Path(output_path).resolve()
     inputs = {f.resolve() for f in source.files}
     if out in inputs or (out.is_dir() and out == source.folder.resolve()):

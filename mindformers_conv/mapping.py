@@ -242,6 +242,8 @@ class ModelSpec:
     covers: tuple[str, ...] = ()  # other keys this key also accepts, picked from the input (qwen → qwen2)
     lora_style: str = "mindpet_delta_lora"  # MindFormers' LoRA parameter suffix (`…_a` / `…_b`) written forward
     extra_rules: tuple[Rule, ...] = field(default=TRAINING_STATE, repr=False)
+    # A Megatron model: the MS side names full Megatron tensors and this MegatronLayout places them.
+    megatron: object = field(default=None, repr=False)
 
     def all_rules(self, cfg: Config | None = None) -> tuple[Rule, ...]:
         """The rules in force: all of them, or (given a config) those whose `when` holds.

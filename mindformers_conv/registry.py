@@ -16,6 +16,7 @@ from .mapping import ModelSpec
 from .plan import match_rule
 
 MODELS: dict[str, ModelSpec] = {}
+MEGATRON: dict[str, ModelSpec] = {}  # family key → its Megatron declaration (spec.megatron is the layout)
 ENTRY_POINT_GROUP = "mindformers_conv.models"
 _loaded = False
 
@@ -27,6 +28,16 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def register_megatron(spec: ModelSpec) -> ModelSpec:
+    """A family's HF ↔ Megatron declaration (models/<family>/megatron.py), used with --target megatron."""
+    if spec.megatron is None:
+        raise ValueError(f"{spec.key}: a Megatron declaration needs its MegatronLayout")
+    if spec.key in MEGATRON and MEGATRON[spec.key] is not spec:
+        raise ValueError(f"Megatron model key {spec.key!r} is registered twice")
+    MEGATRON[spec.key] = spec
+    return spec
+
+
 def load_models() -> dict[str, ModelSpec]:
     """Import every built-in declaration and every plugin once; returns the registry."""
     global _loaded
@@ -35,8 +46,9 @@ def load_models() -> dict[str, ModelSpec]:
         import models
 
         for info in pkgutil.iter_modules(models.__path__):
-            if info.ispkg and importlib.util.find_spec(f"models.{info.name}.declaration"):
-                importlib.import_module(f"models.{info.name}.declaration")
+            for module in ("declaration", "megatron"):  # megatron: the family's Megatron declaration
+                if info.ispkg and importlib.util.find_spec(f"models.{info.name}.{module}"):
+                    importlib.import_module(f"models.{info.name}.{module}")
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             importlib.import_module(ep.value)
     return MODELS
@@ -47,6 +59,26 @@ def get(key: str) -> ModelSpec:
     if key not in models:
         raise UsageError(f"unknown --model {key!r}; known: {', '.join(sorted(models))} (or auto)")
     return models[key]
+
+
+def get_megatron(key: str) -> ModelSpec:
+    """The Megatron declaration of a key (a variant such as yi uses its family's)."""
+    models = load_models()
+    family = (models[key].family or key) if key in models else key
+    if family not in MEGATRON:
+        raise UsageError(f"no Megatron layout for --model {key!r}; known: {', '.join(sorted(MEGATRON))}")
+    return MEGATRON[family]
+
+
+def detect_megatron(cfg: dict) -> tuple[ModelSpec, str]:
+    """--model auto for Megatron conversions: config.json's model_type or architectures."""
+    load_models()
+    archs = set(cfg.get("architectures") or [])
+    fits = [m for m in MEGATRON.values() if cfg.get("model_type") in m.model_types or archs & set(m.architectures)]
+    if len(fits) != 1:
+        raise BadInput("--model auto: config.json does not name one model with a Megatron layout; pass --model "
+                       "(and --config_path for a Megatron input)")
+    return fits[0], "config.json"
 
 
 def detect(cfg: dict, names: list[str], reverse: bool) -> tuple[ModelSpec, str]:

@@ -81,6 +81,35 @@ class ByteSource:
         """The bytes as memoryviews of at most PIECE bytes each (for writers that must see them)."""
         raise NotImplementedError
 
+    def window(self, start: int, length: int) -> "ByteSource":
+        """Bytes [start, start+length) of this source, without reading them."""
+        raise NotImplementedError
+
+
+def concat_sources(parts: list[ByteSource]) -> ByteSource:
+    """Several byte sources one after another (file ranges stay file ranges)."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, FileRanges) for p in parts):
+        return FileRanges(tuple(r for p in parts for r in p.ranges))
+    return Chain(parts)
+
+
+def sub_ranges(ranges: Ranges, start: int, length: int) -> Ranges:
+    """The file ranges holding bytes [start, start+length) of the concatenation of `ranges`."""
+    out = []
+    for path, offset, size in ranges:
+        if length <= 0:
+            break
+        if start >= size:
+            start -= size
+            continue
+        take = min(size - start, length)
+        out.append((path, offset + start, take))
+        length -= take
+        start = 0
+    return tuple(out)
+
 
 @dataclass
 class MemoryBytes(ByteSource):
@@ -105,6 +134,9 @@ class MemoryBytes(ByteSource):
         for start in range(0, self.nbytes, self.PIECE):
             yield self.data[start:start + self.PIECE]
 
+    def window(self, start: int, length: int) -> "MemoryBytes":
+        return MemoryBytes(self.data[start:start + length])
+
 
 @dataclass
 class FileRanges(ByteSource):
@@ -115,20 +147,51 @@ class FileRanges(ByteSource):
         return sum(r[2] for r in self.ranges)
 
     def write_to(self, out, start: int = 0, length: int | None = None) -> None:
-        remaining = self.nbytes - start if length is None else length
-        for path, offset, size in self.ranges:
-            if start >= size:
-                start -= size
-                continue
-            take = min(size - start, remaining)
-            out.copy_from(path, offset + start, take)
-            remaining -= take
-            start = 0
-            if remaining == 0:
-                break
+        for path, offset, size in sub_ranges(self.ranges, start, self.nbytes - start if length is None else length):
+            out.copy_from(path, offset, size)
+
+    def window(self, start: int, length: int) -> "FileRanges":
+        return FileRanges(sub_ranges(self.ranges, start, length))
 
     def pieces(self):
         for path, offset, size in self.ranges:
             with open(path, "rb", buffering=0) as f:
                 for start in range(0, size, self.PIECE):
                     yield memoryview(os.pread(f.fileno(), min(self.PIECE, size - start), offset + start))
+
+
+@dataclass
+class Chain(ByteSource):
+    """Byte sources one after another."""
+
+    parts: list[ByteSource]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def write_to(self, out, start: int = 0, length: int | None = None) -> None:
+        remaining = self.nbytes - start if length is None else length
+        for part in self.parts:
+            if start >= part.nbytes:
+                start -= part.nbytes
+                continue
+            take = min(part.nbytes - start, remaining)
+            part.write_to(out, start, take)
+            remaining -= take
+            start = 0
+            if remaining == 0:
+                break
+
+    def pieces(self):
+        for part in self.parts:
+            yield from part.pieces()
+
+    def window(self, start: int, length: int) -> ByteSource:
+        parts, pos = [], 0
+        for part in self.parts:
+            lo, hi = max(start, pos), min(start + length, pos + part.nbytes)
+            if lo < hi:
+                parts.append(part.window(lo - pos, hi - lo))
+            pos += part.nbytes
+        return concat_sources(parts) if parts else MemoryBytes(memoryview(b""))

@@ -9,16 +9,18 @@ from .errors import VerifyMismatch
 from .formats.inputs import Source, open_input
 from .formats.outputs import Layout
 from .plan import Plan, build_plan
-from .tensor_ref import raw_bytes
+from .tensor_ref import TensorRef, raw_bytes
 
 
-def verify(plan: Plan, layout: Layout, source: Source) -> int:
+def verify(plan: Plan, layout: Layout, source: Source, written: dict[str, TensorRef] | None = None) -> int:
     """Every input tensor the plan used must come back byte-identical (after the cast that was asked for).
 
+    `written`: the output's tensors when it is not a file `open_input` reads (a Megatron checkpoint).
     Returns the number of tensors compared; raises VerifyMismatch naming the first difference.
     """
-    written = open_input(layout.folder or layout.files[0].path)
-    back = build_plan(plan.spec, written.refs, reverse=not plan.reverse, dtype=None, cfg=plan.cfg,
+    if written is None:
+        written = open_input(layout.folder or layout.files[0].path).refs
+    back = build_plan(plan.spec, written, reverse=not plan.reverse, dtype=None, cfg=plan.cfg,
                       keep_tied=True, mindformers_defaults=False)
     used = {s.name for t in plan.tensors for s in t.group.sources if s.name in source.refs}
     produced = set()

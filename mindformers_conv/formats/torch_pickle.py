@@ -15,6 +15,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -42,7 +43,7 @@ def read(path: Path) -> dict[str, TensorRef]:
     path = Path(path)
     if zipfile.is_zipfile(path):
         try:
-            return _index_zip(path)
+            return _unwrap(_index_zip(path), path, TensorRef)
         except _NotPlainWeights:
             pass
     return _torch_load(path)
@@ -62,21 +63,28 @@ class _StoredTensor:
 
 
 class _IndexUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, path: Path):
+    """Unpickles `data.pkl` without running anything from it: every global it names must be on the
+    allow-list (tensors, storages, OrderedDict, plus `extra` stand-ins a format module allows)."""
+
+    def __init__(self, data: bytes, path: Path, extra: Allow | None = None):
         super().__init__(io.BytesIO(data))
         self.path = path
+        self.extra = extra
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return lambda storage, offset, size, stride, *rest: _StoredTensor(
                 storage[0], storage[1], offset, tuple(size), tuple(stride))
-        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+        if (module, name) in (("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state")):
             return lambda data, *rest: data
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if module == "torch" and name in _STORAGE_DTYPE:
             return _STORAGE_DTYPE[name]
-        if module.split(".")[0] in ("torch", "collections", "numpy"):
+        allowed = self.extra(module, name) if self.extra else None
+        if allowed is not None:
+            return allowed
+        if self.extra is None and module.split(".")[0] in ("torch", "collections", "numpy"):
             raise _NotPlainWeights(f"{module}.{name}")  # maybe benign: torch's weights_only loader decides
         raise BadInput(f"{self.path}: refused: the pickle calls {module}.{name}, which is not plain weights "
                        "(nothing in it was run)")
@@ -87,7 +95,23 @@ class _IndexUnpickler(pickle.Unpickler):
         return pid[2], pid[1]
 
 
-def _index_zip(path: Path) -> dict[str, TensorRef]:
+# (module, name) → a harmless stand-in to build instead of the real global, or None to refuse it.
+Allow = Callable[[str, str], object]
+
+
+def read_tree(path: Path, allow: Allow) -> object:
+    """The whole object a torch zip pickles, tensors as TensorRefs (named by their dict key), nothing run.
+
+    For files that hold more than a state dict (Megatron's `model_optim_rng.pt`): `allow` supplies
+    stand-ins for the extra globals; anything else is refused with BadInput.
+    """
+    try:
+        return _index_zip(Path(path), allow)
+    except _NotPlainWeights as e:
+        raise BadInput(f"{path}: not a torch zip checkpoint this reader knows ({e})") from None
+
+
+def _index_zip(path: Path, allow: Allow | None = None):
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
@@ -95,17 +119,38 @@ def _index_zip(path: Path) -> dict[str, TensorRef]:
             raise _NotPlainWeights("no data.pkl")
         prefix = pkl[: -len("data.pkl")]
         try:
-            state = _IndexUnpickler(zf.read(pkl), path).load()
+            state = _IndexUnpickler(zf.read(pkl), path, allow).load()
         except (_NotPlainWeights, BadInput):
             raise
         except Exception as e:
             raise BadInput(f"{path}: corrupt data.pkl ({e})") from None
-        state = _unwrap(state, path, _StoredTensor)
         records = {}
         with open(path, "rb") as f:
-            for key in {t.key for t in state.values()}:
+            for key in {t.key for t in _stored(state)}:
                 records[key] = _record_span(zf, f, f"{prefix}data/{key}", path)
-    return {name: _ref(path, name, t, records[t.key]) for name, t in state.items()}
+    return _with_refs(state, path, records)
+
+
+def _stored(tree):
+    """Every _StoredTensor in nested dicts, lists and tuples."""
+    if isinstance(tree, _StoredTensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _stored(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _stored(value)
+
+
+def _with_refs(tree, path: Path, records: dict, name: str = ""):
+    if isinstance(tree, _StoredTensor):
+        return _ref(path, name, tree, records[tree.key])
+    if isinstance(tree, dict):
+        return type(tree)((k, _with_refs(v, path, records, str(k))) for k, v in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_with_refs(v, path, records, name) for v in tree)
+    return tree
 
 
 def _record_span(zf: zipfile.ZipFile, f, name: str, path: Path) -> tuple[int, int]:
@@ -204,30 +249,47 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-def _data_pkl(entries: list[tuple[str, dtypes.DType, Shape]], wrap: str | None) -> bytes:
-    state = {}
+def _data_pkl(entries: list[tuple[str, dtypes.DType, Shape]], container: Container) -> bytes:
+    tensors = []
     for key, (name, dtype, shape) in enumerate(entries):
         if dtype.torch not in _STORAGE_CLASS:
             raise BadInput(f"tensor {name!r}: dtype {dtype.code} cannot be written to a torch pickle")
         count = 1
         for d in shape:
             count *= d
-        state[name] = _Tensor(_Storage(str(key), dtype.torch, count), shape)
+        tensors.append(_Tensor(_Storage(str(key), dtype.torch, count), shape))
     buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump({wrap: state} if wrap else state)
+    _Pickler(buf, protocol=2).dump(container(tensors))
     return buf.getvalue()
+
+
+# Builds the pickled object from the entries' tensor placeholders (in entry order).
+Container = Callable[[list], object]
+
+
+def flat_state_dict(entries: list[tuple[str, dtypes.DType, Shape]], wrap: str | None = None) -> Container:
+    """{name: tensor} in entry order, or {wrap: {name: tensor}}."""
+
+    def build(tensors: list) -> object:
+        state = {name: t for (name, _, _), t in zip(entries, tensors)}
+        return {wrap: state} if wrap else state
+
+    return build
 
 
 class PickleWriter:
     """torch.save-compatible zip (all records zip64, stored, data 64-byte aligned), written streaming."""
 
-    def __init__(self, out: OutputFile, entries: list[tuple[str, dtypes.DType, Shape]], wrap: str | None = None):
+    def __init__(self, out: OutputFile, entries: list[tuple[str, dtypes.DType, Shape]], wrap: str | None = None,
+                 container: Container | None = None):
+        """`entries` in the order `add` is called; `container` shapes the pickled object (default: a flat
+        state dict, wrapped as {wrap: …} when `wrap` is given)."""
         self.out = out
         self.prefix = out.final.stem or "archive"
         self.central: list[bytes] = []
         self._names = [name for name, _, _ in entries]
         self._next = 0
-        self._record("data.pkl", memoryview(_data_pkl(entries, wrap)))
+        self._record("data.pkl", memoryview(_data_pkl(entries, container or flat_state_dict(entries, wrap))))
         self._record(".format_version", memoryview(b"1"))
         self._record(".storage_alignment", memoryview(str(ALIGN).encode()))
         self._record("byteorder", memoryview(b"little"))

@@ -1,0 +1,101 @@
+"""Conversions with a Megatron side: HF → Megatron, Megatron → HF, Megatron → Megatron (reshard)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from .. import registry
+from ..convert import Options, Result, check_not_input, convert, load_config, load_config_in
+from ..errors import UsageError
+from ..formats import megatron as fmt
+from ..formats.inputs import Source, open_input
+from ..mapping import ModelSpec, rename
+from ..plan import Plan, build_plan
+from ..verify import verify
+from .layout import MegatronLayout, Parallel, resolve_parallel
+from .pipeline import PipelineLayers, parse_pp_layers
+from .read import MegatronSource, read_megatron
+from .write import as_layout, plan_rank_files, write_rank_files
+
+
+def megatron_spec(model: str, target: str | None, input_path: str, config_path: str | None,
+                   flags: dict) -> ModelSpec | None:
+    """The Megatron declaration to use when the output or the input is Megatron, else None."""
+    megatron_input = fmt.is_megatron(input_path)
+    if not target and not megatron_input:
+        return None
+    if model != "auto":
+        return registry.get_megatron(model)
+    folder = Path(input_path) if megatron_input else open_input(input_path).folder
+    spec, evidence = registry.detect_megatron(load_config_in(folder, config_path, flags))
+    print(f"model: {spec.key} (detected from {evidence})")
+    return spec
+
+
+def convert_megatron(spec: ModelSpec, input_path: str, output_path: str, *, reverse: bool, options: Options) -> Result:
+    layout: MegatronLayout = spec.megatron
+    if fmt.is_megatron(input_path):
+        if not reverse and options.target != "megatron":
+            raise UsageError(f"{input_path} is a Megatron checkpoint: pass --reversed to write HF, "
+                             "or --target megatron to reshard it")
+        cfg = load_config_in(Path(input_path), options.config_path, options.flags)
+        found = read_megatron(input_path, layout, cfg)
+        source = Source(found.refs, found.files, Path(input_path), "megatron")
+        if options.target == "megatron":
+            identity = ModelSpec(spec.key, spec.description, (rename("{name*}", "{name*}"),), extra_rules=())
+            plan = build_plan(identity, source.refs, reverse=False, dtype=options.dtype, cfg=cfg,
+                              mindformers_defaults=False)
+            return _write(plan, layout, source, output_path, options, defaults=found)
+        result = convert(replace(spec, megatron=None), input_path, output_path, reverse=True, options=options,
+                         source=source)
+        result.direction = "Megatron → HF"
+        return result
+    if reverse:
+        raise UsageError(f"--reversed needs a Megatron checkpoint folder as --input_path, got {input_path}")
+    if options.target != "megatron":
+        raise UsageError(f"--model {spec.key} converts to Megatron only: pass --target megatron")
+    source = open_input(input_path)
+    cfg = load_config(source, options.config_path, options.flags)
+    plan = build_plan(spec, source.refs, reverse=False, dtype=options.dtype, cfg=cfg,
+                      allow_unmapped=options.allow_unmapped, mindformers_defaults=False)
+    return _write(plan, layout, source, output_path, options)
+
+
+def _write(plan: Plan, layout: MegatronLayout, source: Source, output_path: str, options: Options,
+           defaults: MegatronSource | None = None) -> Result:
+    """Place the plan's full tensors per the layout flags (a reshard keeps what it does not change)."""
+    check_not_input(source, output_path)
+    par = parallel_from(options.parallel, layout, plan, defaults)
+    root = Path(output_path)
+    files = plan_rank_files(plan, layout, par, root)
+    result = Result(source, plan, as_layout(files, root), direction="Megatron → Megatron" if defaults else "HF → Megatron")
+    if options.dry_run:
+        return result
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output folder {root}: {e.strerror}") from None
+    write_rank_files(plan, files, par, root, progress=options.progress)
+    if options.verify:
+        written = read_megatron(root, layout, plan.cfg).refs
+        result.verified = verify(plan, result.layout, source, written)
+    return result
+
+
+def parallel_from(flags: dict, layout: MegatronLayout, plan: Plan, defaults: MegatronSource | None) -> Parallel:
+    def flag(name, default):
+        value = flags.get(name)
+        return default if value is None else value
+
+    pp_layers: dict[str, PipelineLayers | None] = {}
+    for m in layout.modalities:
+        text = flags.get(f"{m.name}_pp_layers")
+        pp_layers[m.name] = parse_pp_layers(text) if text else None
+    if defaults is not None and not any(pp_layers.values()):
+        pp_layers = dict(defaults.pipelines)
+    return resolve_parallel(layout, plan.entries, tp=flag("tp", defaults.tp if defaults else 1),
+                            ep=flag("ep", defaults.ep if defaults else 1), pp_layers=pp_layers,
+                            vocab_divisible_by=flag("make_vocab_size_divisible_by", 1),
+                            iteration=flags.get("iteration"))
+

@@ -1,0 +1,1 @@
+"""Qwen2-VL: HF ↔ MindSpeed-MM Megatron layout."""
