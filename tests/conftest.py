@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,27 @@ def write_hf(folder: Path, tensors: dict, config: dict | None = None, fmt: str =
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+# Contract examples: each family's test module registers, per key, how to build its tiny HF input.
+Example = Callable[[Path, str], tuple[Path, tuple[str, ...]]]  # (folder, key) → (input path, extra CLI flags)
+EXAMPLES: dict[str, Example] = {}
+
+
+def example(*keys: str):
+    """Decorator: `@example("qwen2", "qwen1_5")` on a builder makes those keys part of tests/test_contract.py.
+
+    The input must survive the key's default dtypes (e.g. fp16 where MindFormers writes fp16 or fp32).
+    """
+
+    def register(builder: Example) -> Example:
+        for key in keys:
+            EXAMPLES[key] = builder
+        return builder
+
+    return register
+
+
+@example("llama")
+def llama_example(folder: Path, key: str) -> tuple[Path, tuple[str, ...]]:
+    return write_llama(folder, GQA, dtype="F16", seed=0), ()  # F16: exact under both F32 and F16 defaults

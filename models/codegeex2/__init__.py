@@ -1,0 +1,1 @@
+"""CodeGeeX2-6B (codegeex2), the ChatGLM2 architecture."""

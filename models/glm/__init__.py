@@ -1,0 +1,1 @@
+"""The ChatGLM-6B family (glm)."""
