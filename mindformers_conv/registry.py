@@ -85,6 +85,9 @@ def detect(cfg: dict, names: list[str], reverse: bool) -> tuple[ModelSpec, str]:
     """--model auto: from config.json (model_type, then architectures), else from the tensor names."""
     models = list(load_models().values())
     by_config, evidence = _by_config(models, cfg)
+    if len({m.family or m.key for m in by_config}) > 1:  # e.g. model_type "chatglm": ChatGLM-6B and GLM2-4
+        by_names = _by_names(by_config, cfg, names, reverse)
+        by_config, evidence = (by_names, f"{evidence} and the tensor names") if by_names else (by_config, evidence)
     if by_config:
         return _one(by_config, evidence), evidence
     fits = _by_names(models, cfg, names, reverse)
@@ -121,9 +124,15 @@ def _by_names(models: list[ModelSpec], cfg: dict, names: list[str], reverse: boo
 
 
 def _one(candidates: list[ModelSpec], evidence: str) -> ModelSpec:
-    """Variants that reuse one declaration are the same conversion: pick the family they share."""
+    """Variants that reuse one declaration are the same conversion: pick the family they share.
+
+    A key whose MindSpore names are another candidate's (`ms_names_of`) yields to it: from those names
+    alone the other key is the plain reading (baichuan's fused W_pack needs config.json to be chosen).
+    """
     if len(candidates) == 1:
         return candidates[0]
+    keys = {m.key for m in candidates}
+    candidates = [m for m in candidates if m.ms_names_of not in keys] or candidates
     families = {m.family or m.key for m in candidates}
     if len(families) > 1:
         raise BadInput(f"--model auto: {evidence} fit {', '.join(sorted(families))}; pass --model")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GQA, ROOT, assert_same_tensors, run_script, tensors_of
+from conftest import GQA, ROOT, assert_same_tensors, run_script, tensors_of, write_hf
 from mindformers_conv import cli as cli_module
 from mindformers_conv import registry
 from mindformers_conv.errors import BadInput, ConvError, UsageError, VerifyMismatch
@@ -141,19 +141,26 @@ def test_model_auto_reverse_reads_config_path(cli, tiny_llama, tmp_path):
     assert_same_tensors(tensors_of(tmp_path / "back"), tensors_of(hf))
 
 
-def test_model_auto_without_any_config_says_what_fits_or_picks_llama(cli, tiny_llama, tmp_path):
-    """Without config.json only the names tell; several families share llama's MindSpore names, so the
-    run either picks llama or stops with one line naming the candidates (never a wrong family)."""
+def test_model_auto_without_any_config_picks_llama_for_llamas_mindspore_names(cli, tiny_llama, tmp_path):
+    """Without config.json only the names tell. baichuan, internlm2 and phi3 write llama's MindSpore names
+    too (declared `ms_names_of="llama"`), so from those names alone the plain reading is llama."""
     hf = tiny_llama()
     ckpt = tmp_path / "ms.ckpt"
     run(cli, "--model", "llama", "--input_path", hf, "--output_path", ckpt, "--dtype", "bf16")
     result = cli("--model", "auto", "--reversed", "--input_path", ckpt, "--output_path", tmp_path / "x.bin")
-    if result.code == 0:
-        assert "model: llama (detected from the tensor names)" in result.out
-    else:
-        assert result.code == BadInput.exit_code and result.err.count("\n") == 1
-        assert re.match(r"error: --model auto: the tensor names fit .*\bllama\b.*; pass --model", result.err)
-        assert not (tmp_path / "x.bin").exists()
+    assert result.code == 0, result.err
+    assert "model: llama (detected from the tensor names)" in result.out
+
+
+def test_model_auto_with_an_ambiguous_config_and_names_says_what_fits(cli, tmp_path):
+    """Names that several unrelated families know (here a bare `lm_head.weight`) stop with one line."""
+    import torch
+
+    hf = write_hf(tmp_path / "hf", {"lm_head.weight": torch.zeros(4, 4)})
+    result = cli("--model", "auto", "--input_path", hf, "--output_path", tmp_path / "x.ckpt")
+    assert result.code == BadInput.exit_code and result.err.count("\n") == 1
+    assert re.match(r"error: --model auto: the tensor names fit .*; pass --model", result.err)
+    assert not (tmp_path / "x.ckpt").exists()
 
 
 # ---- --verify -----------------------------------------------------------------------------------------

@@ -144,3 +144,11 @@ def test_glm_lora_names_and_python_api(tmp_path):
     names = set(tensors_of(tmp_path / "g.bin"))
     assert names == {*WEIGHTS, "transformer.layers.0.attention.query_key_value.lora_A.weight",
                      "transformer.layers.0.attention.query_key_value.lora_B.weight"}
+
+
+def test_glm_auto_tells_chatglm_6b_from_glm2_by_the_names(cli, tmp_path):
+    """model_type "chatglm" is shared by ChatGLM-6B and GLM2/3/4: the tensor names decide between them."""
+    out = tmp_path / "auto.ckpt"
+    result = cli("--model", "auto", "--input_path", glm_hf(tmp_path / "hf"), "--output_path", out)
+    assert result.code == 0, result.err
+    assert "model: glm (detected from config.json model_type 'chatglm' and the tensor names)" in result.out

@@ -164,8 +164,6 @@ def test_vit_root_cli_keywords_accepted_where_mindformers_raises_type_error(vit_
     assert_same_tensors(tensors_of(tmp_path / "v.pth"), tensors_of(vit_pth))
 
 
-@pytest.mark.xfail(strict=True, reason="engine gap: torch_pickle._unwrap takes {'model': …} only when it is the "
-                   "single key; MindFormers reads checkpoint['model'] beside epoch/optimizer/args entries")
 def test_vit_reads_model_entry_of_a_training_checkpoint(cli, tmp_path):
     src = tmp_path / "src" / "checkpoint-99.pth"
     src.parent.mkdir()

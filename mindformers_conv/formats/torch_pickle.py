@@ -215,13 +215,21 @@ def _torch_load(path: Path) -> dict[str, TensorRef]:
 
 
 def _unwrap(state, path: Path, leaf: type) -> dict:
-    """A flat state dict, or one wrapped as {'model': …} / {'state_dict': …} as some tools save it."""
+    """A flat state dict, or one wrapped as {'model': …} / {'state_dict': …} as some tools save it.
+
+    A training checkpoint holds the wrapped dict beside other entries (epoch, optimizer, args): the
+    weights are the wrapped dict, as MindFormers' converters read `checkpoint['model']`.
+    """
     for key in ("model", "state_dict", "module"):
-        if isinstance(state, dict) and len(state) == 1 and isinstance(state.get(key), dict):
+        if isinstance(state, dict) and isinstance(state.get(key), dict) and not _all_leaves(state, leaf):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, leaf) for v in state.values()):
+    if not isinstance(state, dict) or not _all_leaves(state, leaf):
         raise BadInput(f"{path}: not a flat state dict of tensors")
     return state
+
+
+def _all_leaves(state: dict, leaf: type) -> bool:
+    return all(isinstance(v, leaf) for v in state.values())
 
 
 class _Storage:

@@ -27,6 +27,7 @@ W_PACK = transform(f"{LAYER}.self_attn.W_pack.weight",
 # sides L2-normalise rows at runtime, idempotently).
 BAICHUAN = register(ModelSpec(
     key="baichuan",
+    ms_names_of="llama",  # the MindSpore side is llama's layout
     description="Baichuan-7B/13B (v1)",
     model_types=("baichuan",),
     architectures=("BaiChuanForCausalLM", "BaichuanForCausalLM"),

@@ -19,8 +19,8 @@ LAYER = "transformer.layers.{i}"
 GLM = register(ModelSpec(
     key="glm",
     description="ChatGLM-6B",
-    # chatglm-6b's config.json says model_type "chatglm" / ChatGLMModel, as GLM2/3/4's do: --model auto
-    # picks glm-n for those, so this key is chosen by name only.
+    model_types=("chatglm",),  # shared with glm-n: the tensor names decide (registry.detect)
+    architectures=("ChatGLMModel", "ChatGLMForConditionalGeneration"),
     forward_dtype="F16",  # AutoModel.from_pretrained(...).half() (§7)
     tied=("lm_head.weight", "transformer.word_embeddings.weight"),
     lora_style="tk_delta_lora",  # the glm reverse maps tk_delta_lora_a/_b (§2.1 reverse)

@@ -35,6 +35,7 @@ SPLIT = transform(f"{LAYER}.attention.wqkv.{{p}}",
 
 INTERNLM2 = register(ModelSpec(
     key="internlm2",
+    ms_names_of="llama",  # the MindSpore side is llama's layout
     description="InternLM2-7B/20B",
     model_types=("internlm2",),
     architectures=("InternLM2ForCausalLM",),

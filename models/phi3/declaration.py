@@ -23,6 +23,7 @@ def qkv_rows(cfg, rows: int) -> list[int]:
 
 register(ModelSpec(
     key="phi3",
+    ms_names_of="llama",  # the MindSpore side is llama's layout
     description="Phi-3 / Phi-3.5-mini (into MindFormers' llama layout)",
     model_types=("phi3",),
     architectures=("Phi3ForCausalLM",),
