@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .convert import Options, convert
+from .convert import SIZE_KEYS, Options, convert
 from .dtypes import parse_user_dtype
 from .errors import UsageError
 from . import registry
 
 # Keys a MindFormers caller may pass; size flags go to the model's config, the rest to Options.
-SIZE_FLAGS = ("n_head", "hidden_size", "layers", "is_pretrain", "telechat_type", "qkv_concat", "use_gmm")
+SIZE_FLAGS = ("n_head", "hidden_size", "layers", "is_pretrain", "telechat_type", "qkv_concat", "use_gmm", "modal")
 OPTION_FLAGS = ("allow_unmapped", "verify", "config_path", "dry_run", "progress", "max_shard_bytes", "merge_lora",
                 "lora_alpha")
 
@@ -20,9 +20,11 @@ def options_from(dtype, kwargs: dict) -> Options:
     if unknown:
         raise UsageError(f"unknown argument(s): {', '.join(unknown)}")
     flags = {k: kwargs[k] for k in SIZE_FLAGS if kwargs.get(k) is not None}
+    # MindFormers' root script always passes its --n_head/--hidden_size defaults: they only fill gaps.
+    hints = {k: flags.pop(k) for k in SIZE_KEYS if k in flags}
     settings = {k: kwargs[k] for k in OPTION_FLAGS if k in kwargs}
     settings.setdefault("progress", False)
-    return Options(dtype=parse_user_dtype(dtype), flags=flags, **settings)
+    return Options(dtype=parse_user_dtype(dtype), flags=flags, hints=hints, **settings)
 
 
 def converter(key: str, reverse: bool) -> Callable[..., bool]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -30,9 +31,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
-    """A boolean that is on when given bare and also takes true/false/1/0."""
-    parser.add_argument(name, type=str2bool, nargs="?", const=True, default=False, metavar="BOOL", help=help)
+def _flag(parser: argparse.ArgumentParser, name: str, help: str, default: bool | None = False) -> None:
+    """A boolean that is on when given bare and also takes true/false/1/0 (None default: not given)."""
+    parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,10 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_head", type=int, help="attention heads, where config.json does not tell")
     p.add_argument("--hidden_size", type=int, help="hidden size, where config.json does not tell")
     p.add_argument("--layers", type=int, help="number of layers, where config.json does not tell")
-    _flag(p, "--is_pretrain", "Swin: the checkpoint is a pre-training (SimMIM) one")
+    _flag(p, "--is_pretrain", "Swin: the checkpoint is a pre-training (SimMIM) one", None)
     p.add_argument("--telechat_type", help="TeleChat variant, e.g. telechat_12b")
-    _flag(p, "--qkv_concat", "write fused q/k/v (and gate/up) where the model supports it")
-    _flag(p, "--use_gmm", "MoE experts in the grouped-matmul layout [E, in, out]")
+    _flag(p, "--qkv_concat", "write fused q/k/v (and gate/up) where the model supports it", None)
+    _flag(p, "--use_gmm", "MoE experts in the grouped-matmul layout [E, in, out]", None)
+    p.add_argument("--modal", choices=("video", "image"), help="CogVLM2: which model (default: from config.json)")
     _flag(p, "--merge_lora", "fold LoRA A/B into the base weights (W + B·A·alpha/r, in fp32)")
     p.add_argument("--lora_alpha", type=float, help="LoRA alpha, for --merge_lora and the PEFT adapter_config.json")
     _flag(p, "--dry-run", "plan only: files, tensors, bytes, predicted peak memory (reads headers only)")
@@ -93,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mindformers-conv inspect … | head`: the reader left; nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    flags = {k: getattr(args, k) for k in ("n_head", "hidden_size", "layers", "telechat_type")
-             if getattr(args, k) is not None}
-    flags.update({k: True for k in ("is_pretrain", "qkv_concat", "use_gmm") if getattr(args, k)})
+    flags = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     options = Options(dtype=parse_user_dtype(args.dtype), allow_unmapped=args.allow_unmapped,
                       dry_run=args.dry_run, verify=args.verify,
                       progress=not args.no_progress and sys.stderr.isatty(),
@@ -114,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_FLAGS = ("n_head", "hidden_size", "layers", "telechat_type", "modal", "is_pretrain", "qkv_concat", "use_gmm")
 MEGATRON_FLAGS = ("tp", "ep", "llm_pp_layers", "vit_pp_layers", "iteration", "make_vocab_size_divisible_by")
 
 

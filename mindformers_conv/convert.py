@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import lora, registry
 from .dtypes import DType, parse_user_dtype
-from .errors import BadInput, UsageError
+from .errors import BadInput, UsageError, VerifyMismatch
 from .execute import execute
 from .formats.inputs import Source, open_input
 from .formats.ms_ckpt import SLICE_BYTES
@@ -30,7 +30,8 @@ class Options:
     ckpt_slice_bytes: int = SLICE_BYTES
     merge_lora: bool = False  # fold LoRA A/B into their base weights (needs lora_alpha)
     lora_alpha: float | None = None  # LoRA scale numerator: merging, and the PEFT adapter_config.json
-    flags: dict = field(default_factory=dict)  # model-size flags (n_head, hidden_size, …) given on the CLI
+    flags: dict = field(default_factory=dict)  # model flags (n_head, qkv_concat, …) given on the CLI
+    hints: dict = field(default_factory=dict)  # sizes that only fill config.json's gaps (the API's defaults)
     target: str | None = None  # "megatron": write (or reshard into) a Megatron checkpoint
     parallel: dict = field(default_factory=dict)  # Megatron layout flags: tp, ep, llm_pp_layers, … (None = default)
 
@@ -45,12 +46,18 @@ class Result:
     direction: str | None = None  # for the report, when not HF ↔ MindSpore (Megatron conversions)
 
 
-def load_config(source: Source, config_path: str | None, flags: dict) -> Config:
-    """config.json from --config_path (file or folder) or beside the input; CLI size flags fill gaps."""
-    return load_config_in(source.folder, config_path, flags)
+SIZE_KEYS = ("n_head", "hidden_size")  # flags that only restate config.json; the other flags choose layouts
 
 
-def load_config_in(folder: Path, config_path: str | None, flags: dict) -> Config:
+def load_config(source: Source, config_path: str | None, flags: dict, hints: dict | None = None) -> Config:
+    """config.json from --config_path (file or folder) or beside the input, with the CLI flags on top.
+
+    Size flags fill gaps and must agree with config.json; layout flags (--qkv_concat false, …) override it.
+    """
+    return load_config_in(source.folder, config_path, flags, hints)
+
+
+def load_config_in(folder: Path, config_path: str | None, flags: dict, hints: dict | None = None) -> Config:
     if config_path:
         path = Path(config_path)
         path = path / "config.json" if path.is_dir() else path
@@ -68,6 +75,10 @@ def load_config_in(folder: Path, config_path: str | None, flags: dict) -> Config
             raise BadInput(f"{path}: not a JSON object")
         cfg["_path"] = str(path)
     for key, value in flags.items():
+        if key in SIZE_KEYS and cfg.get(key, value) != value:
+            raise UsageError(f"--{key} {value} contradicts {path.name}, which says {cfg[key]}")
+        cfg[key] = value
+    for key, value in (hints or {}).items():
         cfg.setdefault(key, value)
     return cfg
 
@@ -97,7 +108,7 @@ def convert(spec: ModelSpec | None, input_path: str, output_path: str, *, revers
         raise UsageError("--verify cannot check a --merge_lora output: merging is not reversible")
     refs = source.refs if reverse else lora.from_peft(source.refs)
     source = replace(source, refs=lora.merge(refs, options.lora_alpha) if options.merge_lora else refs)
-    cfg = load_config(source, options.config_path, options.flags)
+    cfg = load_config(source, options.config_path, options.flags, options.hints)
     spec, model = _choose_model(spec, cfg, list(source.refs), reverse)
     kind = output_kind(output_path, reverse)
     hf_files = reverse and kind in ("folder", "safetensors")
@@ -117,7 +128,11 @@ def convert(spec: ModelSpec | None, input_path: str, output_path: str, *, revers
     carry = Path(cfg["_path"]).parent if "_path" in cfg else source.folder
     execute(plan, layout, progress=options.progress, carry_from=carry, ckpt_slice_bytes=options.ckpt_slice_bytes)
     if options.verify:
-        result.verified = verify(plan, layout, source)
+        try:
+            result.verified = verify(plan, layout, source)
+        except VerifyMismatch as e:
+            layout.remove()
+            raise VerifyMismatch(f"{e}; the output was removed") from None
     return result
 
 

@@ -94,10 +94,12 @@ def test_baichuan_w_pack_is_q_k_v_and_norm_head_copied_raw(cli, baichuan_hf, tmp
     assert not torch.allclose(head.norm(dim=1), torch.ones(V))
 
 
-def test_baichuan_w_pack_split_uses_config_hidden_size_over_cli(cli, baichuan_hf, tmp_path):
-    """§8: the split size is config.json's hidden_size; --hidden_size only fills in when config.json lacks it."""
+def test_baichuan_w_pack_split_uses_config_hidden_size_and_refuses_a_contradicting_flag(cli, baichuan_hf, tmp_path):
+    """§8: the split size is config.json's hidden_size; --hidden_size fills in when config.json lacks it."""
     key, hf = baichuan_hf
-    assert cli("--model", key, "--input_path", hf, "--output_path", tmp_path / "a.ckpt", "--hidden_size", 5).code == 0
+    contradicts = cli("--model", key, "--input_path", hf, "--output_path", tmp_path / "a.ckpt", "--hidden_size", 5)
+    assert contradicts.code == 2 and "--hidden_size 5 contradicts config.json" in contradicts.err
+    assert cli("--model", key, "--input_path", hf, "--output_path", tmp_path / "a.ckpt", "--hidden_size", H).code == 0
     config = {k: v for k, v in MODELS[key][0].items() if k != "hidden_size"}
     (hf / "config.json").write_text(json.dumps(config))
     assert cli("--model", key, "--input_path", hf, "--output_path", tmp_path / "b.ckpt", "--hidden_size", H).code == 0

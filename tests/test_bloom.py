@@ -85,12 +85,14 @@ def test_bloom_prefixed_input_gives_loadable_names_not_transformer_prefixed(cli,
     check_values(out, model)
 
 
-def test_bloom_heads_come_from_config_not_the_cli_default(cli, tmp_path):
+def test_bloom_heads_come_from_config_and_a_contradicting_flag_is_refused(cli, tmp_path):
     """MindFormers takes --n_head (default 32); a wrong one reshapes fine and scrambles q/k/v (§5.7)."""
     hf, model = build(tmp_path / "hf")
     out = tmp_path / "b.ckpt"
-    assert cli("--model", "bloom", "--input_path", hf, "--output_path", out, "--n_head", 2).code == 0
-    check_values(out, model)  # config.json's n_head = 4 was used
+    wrong = cli("--model", "bloom", "--input_path", hf, "--output_path", out, "--n_head", 2)
+    assert wrong.code == 2 and "--n_head 2 contradicts config.json, which says 4" in wrong.err and not out.exists()
+    assert cli("--model", "bloom", "--input_path", hf, "--output_path", out, "--n_head", NH).code == 0
+    check_values(out, model)
     (hf / "config.json").unlink()
     missing = cli("--model", "bloom", "--input_path", hf, "--output_path", tmp_path / "x.ckpt")
     assert missing.code == 3 and "n_head" in missing.err and not (tmp_path / "x.ckpt").exists()

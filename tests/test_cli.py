@@ -67,7 +67,8 @@ def test_boolean_flags_are_the_documented_ones():
 def test_boolean_flag_takes_true_false_1_0_or_bare(flag, given, expected):
     argv = [*BASE, flag] if given == [""] else [*BASE, *([flag, *given] if given else [])]
     args = cli_module.parse(argv)
-    assert getattr(args, flag.lstrip("-").replace("-", "_")) is expected
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    assert (value if given or value is not None else False) is expected  # model flags: None = not given
     # a bare flag followed by another option does not swallow it
     assert cli_module.parse([*BASE, flag, "--dtype", "bf16"]).dtype == "bf16"
 
@@ -233,6 +234,9 @@ def test_verify_catches_a_flipped_byte_between_write_and_verify(verify_run, case
     assert result.code == VerifyMismatch.exit_code == 4
     assert result.err.count("\n") == 1 and result.err.startswith("error: verify: ")
     assert input_name in result.err and "differs" in result.err
+    assert "the output was removed" in result.err
+    written = Path(seen[0])
+    assert not (written.exists() and (written.is_file() or any(written.glob("*.safetensors"))))
 
 
 # ---- progress -------------------------------------------------------------------------------------------

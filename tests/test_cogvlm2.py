@@ -184,8 +184,6 @@ def test_cogvlm2_model_auto_from_architectures(cli, tmp_path, modal):
     assert ms_names(tmp_path / "c.ckpt") == expected_ms(modal)
 
 
-@pytest.mark.xfail(strict=True, reason="engine gap: the CLI has no --modal (nor --sft) flag; MindFormers selects "
-                   "the image rules with `--modal image`, here only config.json architectures can")
 def test_cogvlm2_modal_flag_selects_the_image_rules(cli, tmp_path):
     cfg = {k: v for k, v in config("image").items() if k not in ("architectures", "auto_map")}
     hf = write_hf(tmp_path / "hf", hf_state("image"), cfg)

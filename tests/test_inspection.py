@@ -71,3 +71,19 @@ def test_diff_catches_a_swapped_pair_of_tensors(tiny_llama, tmp_path, capsys):
     assert main(["diff", str(hf / "model.safetensors"), str(swapped)]) == 1
     out = capsys.readouterr().out
     assert f"differs: {a}" in out and f"differs: {b}" in out
+
+
+def test_inspect_piped_into_a_reader_that_stops_is_not_an_error(tiny_llama):
+    """`mindformers-conv inspect … | head -1`: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from mindformers_conv.synthetic import LlamaShape
+
+    hf = tiny_llama(LlamaShape(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=600,
+                               num_attention_heads=2, num_key_value_heads=1))  # > 64 KiB of listing
+    proc = subprocess.run(f"'{sys.executable}' '{ROOT / 'convert_weight.py'}' inspect '{hf}' | head -1",
+                          shell=True, capture_output=True, text=True)
+    assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -50,6 +50,11 @@ class Layout:
     extras: dict[Path, bytes] = field(default_factory=dict)  # index files, written after the weights
     folder: Path | None = None  # set when the output is a folder (config/tokenizer files go there)
 
+    def remove(self) -> None:
+        """Delete what this layout wrote (weights first, then index files), e.g. after a failed --verify."""
+        for path in [f.path for f in self.files] + list(self.extras):
+            path.unlink(missing_ok=True)
+
 
 def output_kind(path: str, reverse: bool) -> str:
     """By suffix, as MindFormers' CLI: .ckpt, .safetensors, .bin/.pt/.pth, or a folder (existing or ending in /)."""

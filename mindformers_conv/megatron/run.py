@@ -56,7 +56,7 @@ def convert_megatron(spec: ModelSpec, input_path: str, output_path: str, *, reve
     if options.target != "megatron":
         raise UsageError(f"--model {spec.key} converts to Megatron only: pass --target megatron")
     source = open_input(input_path)
-    cfg = load_config(source, options.config_path, options.flags)
+    cfg = load_config(source, options.config_path, options.flags, options.hints)
     plan = build_plan(spec, source.refs, reverse=False, dtype=options.dtype, cfg=cfg,
                       allow_unmapped=options.allow_unmapped, mindformers_defaults=False)
     return _write(plan, layout, source, output_path, options)

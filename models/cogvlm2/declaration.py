@@ -6,7 +6,7 @@ position_embedding get a leading axis), adapter `model.vision.*` → `mlp_adapte
 - video (`CogVLMVideoForCausalLM`, MindFormers' default `--modal video`): llama-style names, the fused
   language-expert QKV split into wq/wk/wv;
 - image (`CogVLMForCausalLM`, MindFormers' `--modal image`): expert names kept, MLP gate/up/down → w1/w3/w2.
-The mode comes from config.json `architectures` (or a `modal` entry there). Source dtype kept.
+The mode comes from `--modal` (as MindFormers' flag), else config.json `architectures`. Source dtype kept.
 
 MindFormers has no reverse; this one is the exact inverse (only layer 0's inv_freq comes back). Difference
 from MindFormers: the video QKV split sizes come from config.json `hidden_size` (q rows; k and v share the
@@ -21,7 +21,8 @@ from mindformers_conv.registry import register
 
 
 def image(cfg) -> bool:
-    return cfg.get("modal") == "image" or "CogVLMForCausalLM" in (cfg.get("architectures") or ())
+    modal = cfg.get("modal")  # --modal, else config.json
+    return modal == "image" if modal else "CogVLMForCausalLM" in (cfg.get("architectures") or ())
 
 
 def video(cfg) -> bool:
