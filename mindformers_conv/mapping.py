@@ -181,6 +181,37 @@ def stack_experts(hf: str, ms: str, op: Op = STACK) -> Rule:
     return Rule(_patterns(hf), _patterns(ms), op, gather="e")
 
 
+def use_gmm(cfg: Config) -> bool:
+    return bool(cfg.get("use_gmm"))
+
+
+def hidden_at(axis: int) -> Op:
+    """Identity that refuses stacked experts whose `axis` is not hidden_size.
+
+    [E, out, in] and [E, in, out] differ only in shape, so a reverse with the wrong --use_gmm would
+    otherwise write every expert transposed; config.json's hidden_size tells them apart.
+    """
+
+    def check(xs, cfg):
+        hidden = cfg.get("hidden_size")
+        if isinstance(hidden, int) and xs[0].shape[axis] != hidden:
+            hint = "without --use_gmm" if use_gmm(cfg) else "with --use_gmm"
+            raise ValueError(f"axis {axis} is not hidden_size {hidden}: experts in the other layout (run {hint})")
+        return xs
+
+    return Op("check_hidden_axis", check, check)
+
+
+def expert_stacks(hf: str, ms: str, hidden_axis: int) -> tuple[Rule, Rule]:
+    """Per-expert HF tensors (`{e}`) ↔ one MS stack: [E, out, in], or MindFormers' gmm [E, in, out] under
+    --use_gmm. `hidden_axis`: where hidden_size sits in [E, out, in] (2 for gate/up, 1 for down); the
+    reverse refuses a stack in the other layout instead of writing every expert transposed.
+    """
+    return (replace(stack_experts(hf, ms, compose(STACK, SWAP_LAST, hidden_at(3 - hidden_axis))), when=use_gmm),
+            replace(stack_experts(hf, ms, compose(STACK, hidden_at(hidden_axis))),
+                    when=lambda cfg: not use_gmm(cfg)))
+
+
 def drop_hf(pattern: str, why: str) -> Rule:
     """HF tensors that have no MindSpore counterpart (e.g. rotary inv_freq buffers)."""
     return Rule(_patterns(pattern), (), DROP, why)

@@ -202,8 +202,8 @@ def test_deepseek2_reverse_refuses_experts_of_the_other_layout(cli, tmp_path, fo
 @given(e=st.integers(1, 4), rows=st.integers(1, 5), cols=st.integers(1, 5), axis=st.sampled_from([1, 2]),
        seed=st.integers(0, 1000))
 def test_hidden_at_op_is_an_identity_that_checks_the_hidden_axis(e, rows, cols, axis, seed):
-    """The declaration's own op (candidate for the engine): forward then backward gives the input back."""
-    from models.deepseek2.declaration import hidden_at
+    """Forward then backward gives the input back; a stack in the other layout is refused."""
+    from mindformers_conv.mapping import hidden_at
 
     x = torch.randn((e, rows, cols), generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
     op, cfg = hidden_at(axis), {"hidden_size": x.shape[axis]}

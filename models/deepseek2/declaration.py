@@ -7,44 +7,17 @@ standalone script that hard-codes 160 experts; the expert count here is config.j
 (or, without it, how many the input has), and the reverse is the exact inverse.
 """
 
-from dataclasses import replace
-
-from mindformers_conv.mapping import STACK, SWAP_LAST, ModelSpec, Op, compose, drop_hf, rename, stack_experts
+from mindformers_conv.mapping import ModelSpec, drop_hf, expert_stacks, rename
 from mindformers_conv.registry import register
 
 LAYER = "model.layers.{i}"
 FP32 = "F32"  # MindFormers stores every name containing "norm" or "dense" (the router) in Float32
 
 
-def gmm(cfg) -> bool:
-    return bool(cfg.get("use_gmm"))
-
-
-def hidden_at(axis: int) -> Op:
-    """Identity that refuses stacked experts whose `axis` is not hidden_size.
-
-    [E, out, in] and [E, in, out] differ only in shape, so a reverse with the wrong --use_gmm would
-    otherwise write every expert transposed; config.json's hidden_size tells them apart.
-    """
-
-    def check(xs, cfg):
-        hidden = cfg.get("hidden_size")
-        if isinstance(hidden, int) and xs[0].shape[axis] != hidden:
-            hint = "without --use_gmm" if gmm(cfg) else "with --use_gmm"
-            raise ValueError(f"axis {axis} is not hidden_size {hidden}: experts in the other layout (run {hint})")
-        return xs
-
-    return Op("check_hidden_axis", check, check)
-
-
 def experts(hf: str, ms: str, hidden_axis: int) -> tuple:
-    """One projection of the routed experts: [E, out, in], or [E, in, out] under --use_gmm.
-
-    `hidden_axis`: where hidden_size sits in the [E, out, in] stack (2 for gate/up, 1 for down).
-    """
-    hf, ms = f"{LAYER}.mlp.experts.{{e}}.{hf}.weight", f"{LAYER}.feed_forward.routed_experts.ffn.{ms}.weight"
-    return (replace(stack_experts(hf, ms, compose(STACK, SWAP_LAST, hidden_at(3 - hidden_axis))), when=gmm),
-            replace(stack_experts(hf, ms, compose(STACK, hidden_at(hidden_axis))), when=lambda cfg: not gmm(cfg)))
+    """One projection of the routed experts (`hidden_axis`: see mapping.expert_stacks)."""
+    return expert_stacks(f"{LAYER}.mlp.experts.{{e}}.{hf}.weight",
+                         f"{LAYER}.feed_forward.routed_experts.ffn.{ms}.weight", hidden_axis)
 
 
 DEEPSEEK2 = register(ModelSpec(

@@ -8,23 +8,10 @@ gmm experts back; here the count is config.json's num_local_experts (or what the
 reverse is the exact inverse of either layout.
 """
 
-from dataclasses import replace
-
-from models.deepseek2.declaration import gmm, hidden_at
 from models.llama.declaration import ATTENTION_QKV, BODY, EMBEDDING, LAYER, LLAMA
 
-from mindformers_conv.mapping import STACK, SWAP_LAST, ModelSpec, compose, rename, stack_experts
+from mindformers_conv.mapping import ModelSpec, expert_stacks, rename
 from mindformers_conv.registry import register
-
-
-def stacked_experts(hf: str, ms: str, hidden_axis: int) -> tuple:
-    """Per-expert HF tensors `hf` ({e}) ↔ one MS stack `ms`: [E, out, in], or [E, in, out] under --use_gmm.
-
-    `hidden_axis`: where hidden_size sits in the [E, out, in] stack (2 for gate/up, 1 for down); the
-    reverse refuses a stack in the other layout instead of writing every expert transposed.
-    """
-    return (replace(stack_experts(hf, ms, compose(STACK, SWAP_LAST, hidden_at(3 - hidden_axis))), when=gmm),
-            replace(stack_experts(hf, ms, compose(STACK, hidden_at(hidden_axis))), when=lambda cfg: not gmm(cfg)))
 
 
 MOE = f"{LAYER}.block_sparse_moe"
@@ -43,8 +30,8 @@ MIXTRAL = register(ModelSpec(
     rules=(
         EMBEDDING, *ATTENTION_QKV, *BODY_WITHOUT_MLP,
         rename(f"{MOE}.gate.weight", f"{LAYER}.feed_forward.router.dense.weight"),
-        *stacked_experts(f"{MOE}.experts.{{e}}.w1.weight", f"{LAYER}.feed_forward.ffn.w1.weight", hidden_axis=2),
-        *stacked_experts(f"{MOE}.experts.{{e}}.w2.weight", f"{LAYER}.feed_forward.ffn.w2.weight", hidden_axis=1),
-        *stacked_experts(f"{MOE}.experts.{{e}}.w3.weight", f"{LAYER}.feed_forward.ffn.w3.weight", hidden_axis=2),
+        *expert_stacks(f"{MOE}.experts.{{e}}.w1.weight", f"{LAYER}.feed_forward.ffn.w1.weight", hidden_axis=2),
+        *expert_stacks(f"{MOE}.experts.{{e}}.w2.weight", f"{LAYER}.feed_forward.ffn.w2.weight", hidden_axis=1),
+        *expert_stacks(f"{MOE}.experts.{{e}}.w3.weight", f"{LAYER}.feed_forward.ffn.w3.weight", hidden_axis=2),
     ),
 ))
