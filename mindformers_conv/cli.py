@@ -137,6 +137,9 @@ def _inspect(argv: list[str]) -> int:
     family = f"{family['key']} (from {family['from']})" if family["key"] else f"not decided ({family['from']})"
     print(f"{info['total_tensors']} tensors, {_human(info['total_bytes'])}, format {info['format']}, "
           f"{len(info['files'])} file(s), model {family}")
+    if "parallel" in info:
+        print("layout: " + ", ".join(f"{k.upper()} {v}" if k != "iteration" else f"iteration {v}"
+                                     for k, v in info["parallel"].items()))
     return 0
 
 

@@ -4,12 +4,14 @@ and streaming tensor-by-tensor comparison, across formats when a model mapping i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from . import registry
-from .convert import load_config
+from .convert import load_config, load_config_in
 from .errors import ConvError
+from .formats import megatron
 from .formats.inputs import Source, open_input
 from .mapping import ModelSpec
 from .plan import Planned, build_plan
@@ -18,6 +20,8 @@ from .tensor_ref import raw_bytes
 
 def inspect_checkpoint(path: str) -> dict:
     """Names, dtypes, shapes and bytes of every tensor (headers only), totals, format and family."""
+    if megatron.is_megatron(path):
+        return _inspect_megatron(path)
     source = open_input(path)
     try:
         cfg = load_config(source, None, {})
@@ -29,6 +33,28 @@ def inspect_checkpoint(path: str) -> dict:
                for r in source.refs.values()]
     return {"path": str(path), "format": source.format, "files": [str(f) for f in source.files],
             "family": family, "tensors": tensors, "total_tensors": len(tensors),
+            "total_bytes": sum(t["bytes"] for t in tensors)}
+
+
+def _inspect_megatron(path: str) -> dict:
+    """A Megatron folder: every rank file's tensors as stored (`mp_rank_…/model0/name`) and the grid."""
+    found = megatron.open_dir(path)
+    tensors, chunks = [], set()
+    for key, file in sorted(found.files.items()):
+        rank = file.parent.name
+        for chunk, state in megatron.read_rank_file(file).items():
+            chunks.add(chunk)
+            tensors += [{"name": f"{rank}/{chunk}/{r.name}", "dtype": r.dtype.code, "shape": list(r.shape),
+                         "bytes": r.nbytes} for r in state.values()]
+    try:
+        spec, evidence = registry.detect_megatron(load_config_in(Path(path), None, {}))
+        family = {"key": spec.key, "from": evidence}
+    except ConvError as e:
+        family = {"key": None, "from": "no config.json in the folder (pass --model and --config_path to convert)"}
+    layout = {"tp": found.tp, "pp": found.pp, "vpp": len(chunks), "ep": found.ep,
+              "iteration": found.iteration if found.iteration is not None else "release"}
+    return {"path": str(path), "format": "megatron", "files": [str(f) for _, f in sorted(found.files.items())],
+            "family": family, "parallel": layout, "tensors": tensors, "total_tensors": len(tensors),
             "total_bytes": sum(t["bytes"] for t in tensors)}
 
 

@@ -87,3 +87,33 @@ def test_inspect_piped_into_a_reader_that_stops_is_not_an_error(tiny_llama):
     proc = subprocess.run(f"'{sys.executable}' '{ROOT / 'convert_weight.py'}' inspect '{hf}' | head -1",
                           shell=True, capture_output=True, text=True)
     assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+WRITTEN = {  # output kind → (CLI arguments after the input, the output path's name, format inspect reports)
+    "ms-ckpt": ((), "m.ckpt", "ckpt"),
+    "ms-safetensors": ((), "m.safetensors", "ms-safetensors"),
+    "ms-folder": ((), "ms/", "ms-safetensors"),
+    "hf-folder-sharded": (("--reversed", "--max_shard_size", "20000"), "hf_out/", "safetensors"),
+    "hf-bin": (("--reversed",), "x.bin", "pickle"),
+    "megatron": (("--target", "megatron", "--tp", "2", "--llm_pp_layers", "1,1"), "mm", "megatron"),
+}
+
+
+@pytest.mark.parametrize("kind", list(WRITTEN))
+def test_inspect_reads_every_format_we_write(converted, cli, tmp_path, capsys, kind):
+    from mindformers_conv.cli import main
+
+    hf, ckpt = converted
+    args, name, fmt = WRITTEN[kind]
+    source = ckpt if "--reversed" in args else hf
+    out = f"{tmp_path}/{name}"
+    assert cli("--model", "llama", "--input_path", source, "--output_path", out, *args).code == 0
+    assert main(["inspect", out, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"].startswith(fmt), info["format"]
+    assert info["total_bytes"] == sum(t["bytes"] for t in info["tensors"]) > 0
+    if kind == "megatron":  # 2 TP × 2 PP rank files; every full tensor is split or replicated over TP
+        assert info["parallel"] == {"tp": 2, "pp": 2, "vpp": 1, "ep": 1, "iteration": "release"}
+        assert len(info["files"]) == 4
+    else:
+        assert info["total_tensors"] == len(GQA.tensors())
