@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of, write_hf
+from conftest import assert_same_tensors, example, tensors_of, write_hf
 
 H, V, I, L = 8, 16, 20, 2
 BASE = {"model_type": "baichuan", "hidden_size": H, "intermediate_size": I, "num_attention_heads": 2,
@@ -136,3 +136,9 @@ def test_baichuan_python_api_with_bf16(baichuan_hf, tmp_path):
     assert convert_ms_to_pt(tmp_path / "b.ckpt", tmp_path / "b.bin", dtype="fp32" if key == "baichuan" else None)
     back = tensors_of(tmp_path / "b.bin")
     assert "model.layers.0.self_attn.W_pack.weight" in back and len(back) == 3 + 7 * L
+
+
+@example("baichuan", "baichuan2")
+def baichuan_example(folder, key):
+    config, dtype, inv_freq = MODELS[key]
+    return write_hf(folder, baichuan_state(dtype, inv_freq), config, fmt="bin"), ()

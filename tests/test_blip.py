@@ -5,7 +5,7 @@ of MindFormers are corrected."""
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of
+from conftest import assert_same_tensors, example, tensors_of
 from test_vit import convert, dtype_flag, forward, ms_block, ms_names, random_state, round_trip, save_pth
 
 W, FF, P, L = 8, 12, 5, 2  # EVA width, MLP width (EVA-g: 1408 / 6144), positions, blocks
@@ -179,3 +179,8 @@ def test_blip_zero_k_bias_op_round_trips():
     back = EVA_QKV_BIAS.run(dense, {}, reverse=True)
     assert torch.equal(back[0], q) and torch.equal(back[1], v)
     assert EVA_QKV_BIAS.shapes([(5,), (5,)], {}, reverse=False) == [(5,), (5,), (5,)]
+
+
+@example("blip")
+def blip_example(folder, key):
+    return save_pth(folder / "blip2_pretrained.pth", lavis_state()), ()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import assert_same_tensors, tensors_of, write_hf
+from conftest import assert_same_tensors, example, tensors_of, write_hf
 from test_vit import convert, dtype_flag, forward, ms_names, random_state
 
 H, I, NH, NKV, V, L = 8, 12, 4, 2, 16, 2  # LLM hidden, MLP, heads, multi-query heads, vocab, layers
@@ -189,3 +189,8 @@ def test_cogvlm2_modal_flag_selects_the_image_rules(cli, tmp_path):
     hf = write_hf(tmp_path / "hf", hf_state("image"), cfg)
     convert(cli, "--model", "cogvlm2", "--input_path", hf, "--output_path", tmp_path / "c.ckpt", "--modal", "image")
     assert ms_names(tmp_path / "c.ckpt") == expected_ms("image")
+
+
+@example("cogvlm2")
+def cogvlm2_example(folder, key):
+    return write_shards(folder, hf_state("video"), "video"), ()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import assert_same_tensors, tensors_of, write_hf
+from conftest import assert_same_tensors, example, tensors_of, write_hf
 
 H, V, NH, QL, KVL, NOPE, ROPE, VD, I, IM, E, SHARED, L = 16, 32, 2, 12, 8, 4, 2, 4, 24, 6, 4, 2, 2
 CONFIG = {
@@ -226,3 +226,8 @@ def test_deepseek_key_picks_the_v2_layout_from_the_input(cli, deepseek2_hf, tmp_
     assert result.code == 0, result.err
     assert "model: deepseek2 (--model deepseek: deepseek2 layout" in result.out
     assert any(".feed_forward.routed_experts.ffn.w1.weight" in name for name in tensors_of(out))
+
+
+@example("deepseek2")
+def deepseek2_example(folder, key):
+    return write_hf(folder, deepseek2_state(), CONFIG), ()  # bf16; norms and router come back from F32

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of, write_hf
+from conftest import assert_same_tensors, example, tensors_of, write_hf
 
 V, L = 16, 2
 
@@ -251,3 +251,8 @@ def test_internlm_python_api(internlm_hf, tmp_path):
     assert convert_ms_to_pt(tmp_path / "i.ckpt", tmp_path / "i.bin")
     original = {n: t for n, t in tensors_of(internlm_hf).items() if not n.endswith("inv_freq")}
     assert_same_tensors(tensors_of(tmp_path / "i.bin"), original)
+
+
+@example("internlm2")
+def internlm2_example(folder, key):
+    return write_hf(folder, internlm2_state(), INTERNLM2_CONFIG), ()

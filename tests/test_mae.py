@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from conftest import assert_same_tensors, run_script, tensors_of
+from conftest import assert_same_tensors, example, run_script, tensors_of
 from test_vit import (L, P, W, convert, dtype_flag, forward, ms_block, ms_encoder, ms_names, random_state,
                       round_trip, save_pth, timm_block, timm_encoder)
 
@@ -84,3 +84,8 @@ def test_mae_root_cli_runs_where_mindformers_raises_type_error(tmp_path):
     result = run_script("--model", "mae", "--input_path", src, "--output_path", tmp_path / "mae.ckpt")
     assert result.code == 0, result.err
     assert ms_names(tmp_path / "mae.ckpt") == expected_mae(decoder=False)
+
+
+@example("mae")
+def mae_example(folder, key):
+    return save_pth(folder / "mae.pth", mae_state()), ()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_same_tensors, tensors_of
+from conftest import assert_same_tensors, example, tensors_of
 from test_qwen2 import (H, I, MS_DTYPE, SIZES, assert_bin_reverse_gives_the_bytes, assert_loads_in_mindspore,
                         assert_round_trip_gives_equal_logits, expert_stacks, forward_ok, reverse_ok, save_tiny,
                         with_feed_forward)
@@ -126,3 +126,8 @@ def test_moe_tied_head_emitted_where_mindformers_reads_none(cli, tmp_path, key):
     assert got["lm_head.weight"][2].equal(got["model.tok_embeddings.embedding_weight"][2])
     reverse_ok(cli, key, tmp_path / "t.ckpt", f"{tmp_path}/back/", "--config_path", hf)
     assert_same_tensors(tensors_of(tmp_path / "back"), tensors_of(hf))
+
+
+@example("mixtral")
+def mixtral_example(folder, key):
+    return build(folder), ()

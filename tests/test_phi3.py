@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of
+from conftest import assert_same_tensors, example, tensors_of
 
 H, I, NH, NKV, V = 64, 96, 4, 2, 128
 
 
-@pytest.fixture
-def phi3_hf(tmp_path):
+@example("phi3")
+def phi3_example(folder, key):
     """A tiny random Phi-3 saved by transformers itself (fixed seed)."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -17,8 +17,13 @@ def phi3_hf(tmp_path):
     config = Phi3Config(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
                         num_attention_heads=NH, num_key_value_heads=NKV, max_position_embeddings=64,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
-    Phi3ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf"
+    Phi3ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder, ()
+
+
+@pytest.fixture
+def phi3_hf(tmp_path):
+    return phi3_example(tmp_path / "hf", "phi3")[0]
 
 
 def test_phi3_forward_splits_the_fused_projections(cli, phi3_hf, tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of, write_hf
+from conftest import assert_same_tensors, example, tensors_of, write_hf
 
 H, V, FF, L = 8, 16, 12, 2  # hidden, vocab, real FFN width (config intermediate_size is 2·FF), layers
 CONFIG = {
@@ -133,3 +133,8 @@ def test_qwen_python_api_round_trip(qwen_hf, tmp_path):
     assert convert_pt_to_ms(str(qwen_hf) + "/", tmp_path / "q.ckpt", dtype="bf16")
     assert convert_ms_to_pt(tmp_path / "q.ckpt", tmp_path / "q.bin")
     assert_same_tensors(tensors_of(tmp_path / "q.bin"), tensors_of(qwen_hf))
+
+
+@example("qwen")
+def qwen_example(folder, key):
+    return write_hf(folder, qwen_state(), CONFIG), ()

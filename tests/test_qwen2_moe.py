@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_same_tensors, tensors_of
+from conftest import assert_same_tensors, example, tensors_of
 from test_qwen2 import (H, MS_DTYPE, SIZES, assert_bin_reverse_gives_the_bytes, assert_loads_in_mindspore,
                         assert_round_trip_gives_equal_logits, expert_stacks, forward_ok, save_tiny, with_feed_forward)
 
@@ -94,3 +94,8 @@ def test_qwen2_moe_python_api(qwen2_moe_hf, tmp_path):
         (E, IM, H)
     assert convert_ms_to_pt(tmp_path / "q.ckpt", tmp_path / "q.bin", use_gmm=True)
     assert_same_tensors(tensors_of(tmp_path / "q.bin"), tensors_of(qwen2_moe_hf))
+
+
+@example("qwen2-moe")
+def qwen2_moe_example(folder, key):
+    return build(folder), ()

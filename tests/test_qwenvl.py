@@ -4,7 +4,7 @@ resampler in_proj in thirds, out_proj transposed, ln gamma/beta; Float32 default
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of, write_hf
+from conftest import assert_same_tensors, example, tensors_of, write_hf
 from test_qwen import CONFIG as QWEN_CONFIG
 from test_qwen import expected_ms as expected_llm
 from test_qwen import qwen_state
@@ -145,3 +145,8 @@ def test_qwenvl_qkv_concat_writes_w_qkv_where_mindformers_writes_attention_w(cli
     convert(cli, "--model", "qwenvl", "--reversed", "--input_path", ckpt, "--output_path", back, "--qkv_concat",
             "--config_path", qwenvl_hf)
     assert_same_tensors(tensors_of(back), tensors_of(qwenvl_hf))
+
+
+@example("qwenvl")
+def qwenvl_example(folder, key):
+    return write_hf(folder, qwenvl_state(), CONFIG), ()

@@ -4,7 +4,7 @@ MLP mapping/projection transposed, relative-position names, int64 index kept, {"
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of
+from conftest import assert_same_tensors, example, tensors_of
 from test_vit import convert, dtype_flag, forward, ms_names, random_state, round_trip, save_pth
 
 C0, HEADS, WIN, CLASSES, PIX = 4, 2, 2, 3, 12  # stage-0 width, heads, window, classes, SimMIM decoder outputs
@@ -168,3 +168,8 @@ def test_swin_reads_a_legacy_non_zip_pth(cli, tmp_path):
     torch.save({"model": swin_state()}, src, _use_new_zipfile_serialization=False)
     _, back = round_trip(cli, "swin", src, tmp_path)
     assert_same_tensors(tensors_of(back), tensors_of(src))
+
+
+@example("swin")
+def swin_example(folder, key):
+    return save_pth(folder / "swin.pth", swin_state()), ()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of, write_hf
+from conftest import assert_same_tensors, example, tensors_of, write_hf
 
 H, NH, I, V, L = 8, 2, 20, 16, 2
 CONFIG = {
@@ -156,3 +156,8 @@ def test_telechat_python_api_takes_telechat_type(tmp_path, style):
     assert {d for d, _, _ in tensors_of(tmp_path / "t.ckpt").values()} == {"BF16"}
     assert convert_ms_to_pt(tmp_path / "t.ckpt", tmp_path / "t.bin", telechat_type=style)
     assert_same_tensors(tensors_of(tmp_path / "t.bin"), tensors_of(hf))
+
+
+@example("telechat")
+def telechat_example(folder, key):
+    return write_hf(folder, telechat_state("telechat_12b"), CONFIG, fmt="bin"), ()

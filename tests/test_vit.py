@@ -7,7 +7,7 @@ The helpers here (random state dicts, `.pth` writing, round trips) are shared by
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of
+from conftest import assert_same_tensors, example, tensors_of
 
 W, NH, FF, P, L, C = 8, 2, 12, 5, 2, 3  # width, heads, MLP width (≠ 4W on purpose), 4 patches + cls, blocks, classes
 
@@ -170,3 +170,8 @@ def test_vit_reads_model_entry_of_a_training_checkpoint(cli, tmp_path):
     torch.save({"model": vit_state(), "epoch": 99, "scaler": {"scale": 1024.0}}, src)
     convert(cli, "--model", "vit", "--input_path", src, "--output_path", tmp_path / "vit.ckpt")
     assert ms_names(tmp_path / "vit.ckpt") == expected_vit()
+
+
+@example("vit")
+def vit_example(folder, key):
+    return save_pth(folder / "vit.pth", vit_state()), ()

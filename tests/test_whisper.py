@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of
+from conftest import assert_same_tensors, example, tensors_of
 from test_vit import convert, dtype_flag, forward
 
 D, MEL, FF, SRC, TGT, V, L = 8, 4, 12, 6, 8, 16, 2  # d_model, mel bins, ffn, positions (enc, dec), vocab, layers
@@ -125,3 +125,8 @@ def test_whisper_model_auto_from_config(cli, tmp_path):
     assert json.loads((hf / "config.json").read_text())["model_type"] == "whisper"
     result = convert(cli, "--model", "auto", "--input_path", hf, "--output_path", tmp_path / "w.ckpt")
     assert "model: whisper" in result.out
+
+
+@example("whisper")
+def whisper_example(folder, key):
+    return build(folder)[0], ()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of
+from conftest import assert_same_tensors, example, tensors_of
 
 H, NH, V, P, L = 16, 4, 32, 32, 2
 
@@ -165,3 +165,8 @@ def test_wizardcoder_python_api(tmp_path):
     assert convert_pt_to_ms(hf / "model.safetensors", tmp_path / "w.ckpt", dtype=None, layers=40)
     assert convert_ms_to_pt(tmp_path / "w.ckpt", f"{tmp_path}/back/", config_path=hf)
     assert_same_tensors(tensors_of(tmp_path / "back"), tensors_of(hf))
+
+
+@example("wizardcoder")
+def wizardcoder_example(folder, key):
+    return build(folder)[0], ()

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Benchmark: HF ↔ Megatron (TP=2, PP=2) on the TinyLlama-1.1B-shaped bf16 synthetic llama.
+
+    .venv/bin/python benchmarks/bench_megatron.py            # full size (~2.2 GB)
+    .venv/bin/python benchmarks/bench_megatron.py --quick    # small shape, smoke run
+
+Same method as bench_convert.py (its cached source, warm page cache, one child process per step, wall /
+CPU / peak RSS from os.wait4). Steps: `cp -r` (the yardstick), HF → Megatron TP 2 PP 2, Megatron →
+HF (layout discovered), Megatron TP 2 PP 2 → TP 1 PP 1 (reshard). The HF output is then compared byte
+for byte with the source by the `safetensors` library. Peak RSS must stay under 2 × the largest tensor
++ 300 MiB: the converter holds one full tensor and its slices, never a stage or the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_convert import CACHE, MIB, QUICK, RSS_FACTOR, RSS_SLACK, folder_bytes, run_child, source_folder, \
+    tensor_sizes, warm  # noqa: E402
+
+from mindformers_conv.synthetic import TINYLLAMA_1B  # noqa: E402
+
+
+def steps(src: Path, work: Path) -> list[tuple[str, list[str], Path]]:
+    conv = [sys.executable, str(REPO / "convert_weight.py"), "--model", "llama", "--no-progress"]
+    mg, back, flat = work / "megatron_tp2_pp2", work / "hf_back", work / "megatron_tp1"
+    half = str(TINYLLAMA_1B.num_hidden_layers // 2) if "1b" in src.name else str(QUICK.num_hidden_layers // 2)
+    return [
+        ("cp -r", ["cp", "-r", str(src), str(work / "cp_copy")], work / "cp_copy"),
+        ("HF→Megatron TP2 PP2", conv + ["--input_path", str(src), "--output_path", str(mg), "--target", "megatron",
+                                        "--tp", "2", "--llm_pp_layers", f"{half},{half}"], mg),
+        ("Megatron→HF", conv + ["--reversed", "--input_path", str(mg), "--output_path", f"{back}/",
+                                "--config_path", str(src)], back),
+        ("reshard → TP1 PP1", conv + ["--input_path", str(mg), "--output_path", str(flat), "--target", "megatron",
+                                      "--tp", "1", "--llm_pp_layers", str(2 * int(half)), "--config_path", str(src)],
+         flat),
+    ]
+
+
+def check_back(src: Path, back: Path) -> list[str]:
+    from safetensors import safe_open
+
+    def tensors(folder):
+        out = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                out.update({k: (file, k) for k in f.keys()})
+        return out
+
+    a, b = tensors(src), tensors(back)
+    problems = [f"missing in the HF output: {n}" for n in sorted(a.keys() - b.keys())]
+    for name in sorted(a.keys() & b.keys()):
+        with safe_open(a[name][0], "pt") as fa, safe_open(b[name][0], "pt") as fb:
+            if not fa.get_tensor(name).view(-1).view(dtype=__import__("torch").uint8).equal(
+                    fb.get_tensor(name).view(-1).view(dtype=__import__("torch").uint8)):
+                problems.append(f"differs: {name}")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shape (smoke run)")
+    args = parser.parse_args()
+    src = source_folder(QUICK if args.quick else TINYLLAMA_1B, args.quick)
+    largest = max(tensor_sizes(src).values())
+    work = CACHE / "megatron-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    warm(src)
+    model = folder_bytes(src)
+    print(f"source: {src.name}, {model / MIB:.0f} MiB, largest tensor {largest / MIB:.0f} MiB")
+    print(f"{'step':<22} {'wall s':>8} {'cpu s':>8} {'peak RSS MiB':>13} {'MiB/s':>8} {'output MiB':>11}")
+    failures = []
+    bound = RSS_FACTOR * largest + RSS_SLACK
+    for name, argv, out in steps(src, work):
+        os.sync()
+        wall, cpu, rss = run_child(argv, work / f"{name.split()[0]}.log")
+        size = folder_bytes(out)
+        print(f"{name:<22} {wall:8.2f} {cpu:8.2f} {rss / MIB:13.0f} {model / MIB / wall:8.0f} {size / MIB:11.0f}")
+        if name != "cp -r" and rss > bound:
+            failures.append(f"{name}: peak RSS {rss / MIB:.0f} MiB > {bound / MIB:.0f} MiB")
+    failures += check_back(src, work / "hf_back")
+    for line in failures:
+        print(f"FAIL {line}")
+    if not failures:
+        print(f"ok: Megatron→HF is byte-identical to the source; every peak RSS ≤ {bound / MIB:.0f} MiB "
+              f"(2 × largest tensor + 300 MiB)")
+    shutil.rmtree(work, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
