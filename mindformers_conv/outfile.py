@@ -10,6 +10,7 @@ from typing import Callable
 from .errors import OutputError
 
 TMP_SUFFIX = ".partial"
+WRITE_PIECE = 256 << 10  # bytes per write(): as fast as copy_file_range's pieces (benchmarks/README.md)
 
 
 def temp_name(final: Path) -> Path:
@@ -37,8 +38,8 @@ class OutputFile:
         self._advance(len(view))
 
     def _write_all(self, view: memoryview) -> None:
-        while view:
-            view = view[self._io(os.write, self.fd, view):]
+        while view:  # WRITE_PIECE at a time: huge writes fill the page cache with costly 2 MiB folios
+            view = view[self._io(os.write, self.fd, view[:WRITE_PIECE]):]
 
     def copy_from(self, path: str, offset: int, length: int) -> None:
         """Copy bytes of another file in the kernel (copy_file_range, then sendfile, then read/write)."""
@@ -59,7 +60,7 @@ class OutputFile:
             self._advance(n)
 
     def _slow_copy(self, src: int, offset: int, length: int) -> int:
-        chunk = os.pread(src, min(length, 64 << 20), offset)
+        chunk = os.pread(src, min(length, WRITE_PIECE), offset)
         self._write_all(memoryview(chunk))
         return len(chunk)
 
