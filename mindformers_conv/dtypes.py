@@ -7,42 +7,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from .errors import BadInput, UsageError
+from .lazy import torch
 
 
 @dataclass(frozen=True)
 class DType:
     code: str  # safetensors code, e.g. "BF16"
-    torch: torch.dtype
+    torch_name: str  # torch.<name>, resolved only when torch is needed
     ms: str | None  # MindSpore TensorProto.tensor_type, e.g. "BFloat16"
     itemsize: int
+    is_float: bool = False
 
     @property
-    def is_float(self) -> bool:
-        return self.torch.is_floating_point
+    def torch(self) -> torch.dtype:
+        return getattr(torch, self.torch_name)
 
 
 _TABLE = [
-    DType("F64", torch.float64, "Float64", 8),
-    DType("F32", torch.float32, "Float32", 4),
-    DType("F16", torch.float16, "Float16", 2),
-    DType("BF16", torch.bfloat16, "BFloat16", 2),
-    DType("I64", torch.int64, "Int64", 8),
-    DType("I32", torch.int32, "Int32", 4),
-    DType("I16", torch.int16, "Int16", 2),
-    DType("I8", torch.int8, "Int8", 1),
-    DType("U8", torch.uint8, "UInt8", 1),
-    DType("U16", torch.uint16, "UInt16", 2),
-    DType("U32", torch.uint32, "UInt32", 4),
-    DType("U64", torch.uint64, "UInt64", 8),
-    DType("BOOL", torch.bool, "Bool", 1),
-    DType("F8_E4M3", torch.float8_e4m3fn, None, 1),
-    DType("F8_E5M2", torch.float8_e5m2, None, 1),
+    DType("F64", "float64", "Float64", 8, True),
+    DType("F32", "float32", "Float32", 4, True),
+    DType("F16", "float16", "Float16", 2, True),
+    DType("BF16", "bfloat16", "BFloat16", 2, True),
+    DType("I64", "int64", "Int64", 8),
+    DType("I32", "int32", "Int32", 4),
+    DType("I16", "int16", "Int16", 2),
+    DType("I8", "int8", "Int8", 1),
+    DType("U8", "uint8", "UInt8", 1),
+    DType("U16", "uint16", "UInt16", 2),
+    DType("U32", "uint32", "UInt32", 4),
+    DType("U64", "uint64", "UInt64", 8),
+    DType("BOOL", "bool", "Bool", 1),
+    DType("F8_E4M3", "float8_e4m3fn", None, 1, True),
+    DType("F8_E5M2", "float8_e5m2", None, 1, True),
 ]
 BY_CODE = {d.code: d for d in _TABLE}
-BY_TORCH = {d.torch: d for d in _TABLE}
+BY_TORCH_NAME = {d.torch_name: d for d in _TABLE}
 BY_MS = {d.ms: d for d in _TABLE if d.ms}
 
 # The names MindFormers' --dtype accepts, plus the spellings its Python callers pass
@@ -70,7 +71,7 @@ def from_ms(tensor_type: str) -> DType:
 
 def from_torch(dtype: torch.dtype) -> DType:
     try:
-        return BY_TORCH[dtype]
+        return BY_TORCH_NAME[str(dtype).removeprefix("torch.")]
     except KeyError:
         raise BadInput(f"unsupported torch dtype {dtype}") from None
 

@@ -6,7 +6,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from .errors import OutputError
@@ -15,6 +14,7 @@ from .formats.outputs import CARRIED_FILES, Layout
 from .outfile import OutputFile
 from .plan import Plan, Planned
 from .tensor_ref import ByteSource, MemoryBytes
+from .lazy import torch
 
 
 class GroupOutputs:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from . import registry
 from .convert import load_config, load_config_in
@@ -16,6 +15,7 @@ from .formats.inputs import Source, open_input
 from .mapping import ModelSpec
 from .plan import Planned, build_plan
 from .tensor_ref import raw_bytes
+from .lazy import torch
 
 
 def inspect_checkpoint(path: str) -> dict:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import re
 
-import torch
 
 from .errors import BadInput, UsageError
 from .mapping import LORA_STYLES
 from .tensor_ref import TensorRef
+from .lazy import torch
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_FOLDER = "adapter"

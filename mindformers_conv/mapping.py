@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-import torch
 
 from .tensor_ref import Shape
+from .lazy import torch
 
 Config = dict  # merged config.json + CLI flags
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 from . import dtypes
 from .dtypes import DType
 from .errors import BadInput, UnmappedTensor
 from .mapping import DROP, Config, ModelSpec, Rule
 from .tensor_ref import Shape, TensorRef, numel
+from .lazy import torch
 
 
 @dataclass
@@ -194,19 +194,26 @@ def match_rule(rules: tuple[Rule, ...], name: str, reverse: bool):
     return None
 
 
-def _group(rule: Rule, sources: list[TensorRef], caps: dict, reverse: bool, cfg: Config,
-           default: DType | None) -> Group:
+def _derive(rule: Rule, sources: list[TensorRef], cfg: Config, reverse: bool) -> tuple[list, list]:
+    """Output shapes and dtypes of an op, from running it on `meta` tensors (no data)."""
     metas = [torch.empty(s.shape, dtype=s.dtype.torch, device="meta") for s in sources]
     try:
         outs = rule.op.run(metas, cfg, reverse)
     except (RuntimeError, ValueError, KeyError) as e:
         raise BadInput(f"cannot apply {rule.op.name} to {sources[0].name!r} {list(sources[0].shape)}: {e}") from None
+    return [tuple(t.shape) for t in outs], [dtypes.from_torch(t.dtype) for t in outs]
+
+
+def _group(rule: Rule, sources: list[TensorRef], caps: dict, reverse: bool, cfg: Config,
+           default: DType | None) -> Group:
+    if rule.op.zero_copy:  # a rename: the sources are the outputs (no torch needed to know that)
+        shapes, out_dtypes = [s.shape for s in sources], [s.dtype for s in sources]
+    else:
+        shapes, out_dtypes = _derive(rule, sources, cfg, reverse)
     patterns = rule.side(reverse)[1]
     if rule.gather and rule.gather in patterns[0].fields:
-        targets = [patterns[0].format({**caps, rule.gather: str(k)}) for k in range(len(outs))]
+        targets = [patterns[0].format({**caps, rule.gather: str(k)}) for k in range(len(shapes))]
     else:
         targets = [p.format(caps) for p in patterns]
-    shapes = [tuple(t.shape) for t in outs]
-    out_dtypes = [dtypes.from_torch(t.dtype) for t in outs]
     out_dtypes = [default if default and d.is_float else d for d in out_dtypes]
     return Group(rule, sources, targets, shapes, out_dtypes, reverse, cfg)

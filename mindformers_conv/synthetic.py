@@ -10,7 +10,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
 from . import dtypes
 from .formats import hf_safetensors
@@ -18,6 +17,7 @@ from .formats.safetensors_file import SafetensorsWriter
 from .formats.torch_pickle import PickleWriter
 from .outfile import OutputFile
 from .tensor_ref import MemoryBytes, Shape, numel
+from .lazy import torch
 
 
 @dataclass(frozen=True)

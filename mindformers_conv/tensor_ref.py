@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
 from .dtypes import DType
+from .lazy import torch
 
 Shape = tuple[int, ...]
 # (path, offset, length) pieces whose concatenation is a tensor's raw C-order bytes.

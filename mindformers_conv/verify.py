@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from . import dtypes
 from .errors import VerifyMismatch
@@ -10,6 +9,7 @@ from .formats.inputs import Source, open_input
 from .formats.outputs import Layout
 from .plan import Plan, build_plan
 from .tensor_ref import TensorRef, raw_bytes
+from .lazy import torch
 
 
 def verify(plan: Plan, layout: Layout, source: Source, written: dict[str, TensorRef] | None = None) -> int:

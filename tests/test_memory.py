@@ -99,3 +99,24 @@ def test_the_measurement_sees_a_whole_model_load(big_model, baseline):
                  f"for f in glob.glob({str(big_model)!r} + '/*.safetensors')]")
     peak, _ = peak_rss([sys.executable, "-c", holds_all])
     assert peak - baseline > TOTAL * 0.9 > BOUND
+
+
+def test_a_rename_only_conversion_never_imports_torch(tiny_llama, tmp_path):
+    """Moving bytes needs no torch (its import costs ~1 s and ~200 MB): bf16 → bf16 both ways, in a fresh
+    interpreter; a cast does import it."""
+    import subprocess
+    import sys
+
+    hf = tiny_llama(dtype="BF16")
+    code = ("import sys; from mindformers_conv.cli import main; code = main(sys.argv[1:] + ['--no-progress']); "
+            "print(code, 'torch' in sys.modules)")
+
+    def run(*argv) -> str:
+        proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)
+        return proc.stdout.strip().splitlines()[-1]
+
+    ckpt = tmp_path / "m.ckpt"
+    assert run("--model", "llama", "--input_path", hf, "--output_path", ckpt, "--dtype", "bf16") == "0 False"
+    assert run("--model", "llama", "--reversed", "--input_path", ckpt, "--output_path", f"{tmp_path}/back/",
+               "--config_path", hf) == "0 False"
+    assert run("--model", "llama", "--input_path", hf, "--output_path", tmp_path / "f.ckpt") == "0 True"  # F32

@@ -15,11 +15,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ..errors import BadInput
 from ..tensor_ref import TensorRef
 from . import torch_pickle
+from ..lazy import torch
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -82,7 +82,6 @@ _OPAQUE = {
 }
 _BUILTINS = {("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice,
              ("builtins", "complex"): complex, ("argparse", "Namespace"): argparse.Namespace,
-             ("torch", "Size"): torch.Size, ("torch", "device"): torch.device,
              ("copyreg", "_reconstructor"): lambda cls, base, state: object.__new__(cls),
              ("_codecs", "encode"): codecs.encode}  # protocol-2 bytes (numpy RNG state)
 
@@ -92,6 +91,8 @@ def allow(module: str, name: str):
     Megatron enums), numpy RNG state, TE extra state. Stand-ins run nothing from the file."""
     if (module, name) in _BUILTINS:
         return _BUILTINS[(module, name)]
+    if module == "torch" and name in ("Size", "device"):
+        return getattr(torch, name)
     if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
     if (module, name) in _OPAQUE or module.split(".")[0] in ("megatron", "mindspeed", "mindspeed_mm", "mindspeed_llm"):

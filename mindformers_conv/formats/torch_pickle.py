@@ -17,18 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from .. import dtypes
 from ..errors import BadInput
 from ..outfile import OutputFile
 from ..tensor_ref import ByteSource, Shape, TensorRef
+from ..lazy import torch
 
 ALIGN = 64
-_STORAGE_CLASS = {
-    torch.float64: "DoubleStorage", torch.float32: "FloatStorage", torch.float16: "HalfStorage",
-    torch.bfloat16: "BFloat16Storage", torch.int64: "LongStorage", torch.int32: "IntStorage",
-    torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage", torch.bool: "BoolStorage",
+_STORAGE_CLASS = {  # torch dtype name → the legacy storage class a torch.save pickle names
+    "float64": "DoubleStorage", "float32": "FloatStorage", "float16": "HalfStorage",
+    "bfloat16": "BFloat16Storage", "int64": "LongStorage", "int32": "IntStorage",
+    "int16": "ShortStorage", "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
 }
 _STORAGE_DTYPE = {name: dtype for dtype, name in _STORAGE_CLASS.items()}
 
@@ -80,7 +80,7 @@ class _IndexUnpickler(pickle.Unpickler):
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if module == "torch" and name in _STORAGE_DTYPE:
-            return _STORAGE_DTYPE[name]
+            return getattr(torch, _STORAGE_DTYPE[name])
         allowed = self.extra(module, name) if self.extra else None
         if allowed is not None:
             return allowed
@@ -253,14 +253,15 @@ class _Tensor:
 class _Pickler(pickle.Pickler):
     def persistent_id(self, obj):
         if isinstance(obj, _Storage):
-            return ("storage", getattr(torch, _STORAGE_CLASS[obj.dtype]), obj.key, "cpu", obj.count)
+            return ("storage", getattr(torch, _STORAGE_CLASS[str(obj.dtype).removeprefix("torch.")]), obj.key, "cpu",
+                    obj.count)
         return None
 
 
 def _data_pkl(entries: list[tuple[str, dtypes.DType, Shape]], container: Container) -> bytes:
     tensors = []
     for key, (name, dtype, shape) in enumerate(entries):
-        if dtype.torch not in _STORAGE_CLASS:
+        if dtype.torch_name not in _STORAGE_CLASS:
             raise BadInput(f"tensor {name!r}: dtype {dtype.code} cannot be written to a torch pickle")
         count = 1
         for d in shape:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from ..errors import BadInput, UsageError
 from ..mapping import Config, Heads
 from ..tensor_ref import Shape
+from ..lazy import torch
 
 Piece = tuple[int, int]  # [start, stop) on the split axis of the full (padded) tensor
 

@@ -12,7 +12,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ..errors import UsageError
@@ -25,6 +24,7 @@ from ..plan import Plan
 from ..tensor_ref import ByteSource, FileRanges, MemoryBytes, TensorRef, concat_sources, numel
 from .layout import MegatronLayout, Parallel, Placement, place
 from .tensor_parallel import shard
+from ..lazy import torch
 
 
 @dataclass

@@ -11,12 +11,12 @@ EVA-g's [1408, 6144] shapes do not load); here fc1 → mapping, fc2 → projecti
 never re-fuses dense1/2/3 into `attn.qkv.weight`; here it does, and gives back q_bias / v_bias.
 """
 
-import torch
 
 from models.vit.declaration import block, layer_norm
 
 from mindformers_conv.mapping import ModelSpec, Op, rename, transform
 from mindformers_conv.registry import register
+from mindformers_conv.lazy import torch
 
 # [q_bias, v_bias] ↔ [dense1.bias, dense2.bias = 0, dense3.bias]; backward leaves the zero k bias out.
 EVA_QKV_BIAS = Op("zero k bias", lambda xs, cfg: [xs[0], torch.zeros_like(xs[0]), xs[1]],
