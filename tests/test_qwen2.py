@@ -222,3 +222,16 @@ def test_qwen2_python_api(qwen2_hf, tmp_path, package):
     back = tensors_of(tmp_path / "q.bin")
     original = tensors_of(hf)
     assert_same_tensors({n: back[n] for n in original}, original)  # (.bin keeps a tied head, as state_dict())
+
+
+@pytest.mark.parametrize("evidence", ["config", "names"])
+def test_qwen_key_picks_the_qwen2_layout_from_the_input(cli, qwen2_hf, tmp_path, evidence):
+    """The guide's `--model qwen` covers Qwen, Qwen1.5 and Qwen2: the input decides, and the CLI says so."""
+    _, hf = qwen2_hf
+    if evidence == "names":
+        (hf / "config.json").unlink()
+    out = tmp_path / "q.ckpt"
+    result = cli("--model", "qwen", "--input_path", hf, "--output_path", out)
+    assert result.code == 0, result.err
+    assert "model: qwen2 (--model qwen: qwen2 layout" in result.out
+    assert "model.layers.0.attention.wq.bias" in tensors_of(out)

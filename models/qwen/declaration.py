@@ -14,6 +14,7 @@ QWEN = register(ModelSpec(
     description="Qwen v1 (Qwen-7B/14B/72B)",
     model_types=("qwen",),
     architectures=("QWenLMHeadModel",),
+    covers=("qwen2", "qwen2-moe"),  # the guide's `--model qwen` is also Qwen1.5/Qwen2: the input decides
     forward_dtype="F32",  # the remote-code loader materialises fp32 under transformers 4.x (§8)
     tied=("lm_head.weight", "transformer.wte.weight"),  # state_dict() emits a tied head
     rules=(
