@@ -31,7 +31,7 @@ from mindformers_conv.synthetic import TINYLLAMA_1B  # noqa: E402
 def steps(src: Path, work: Path) -> list[tuple[str, list[str], Path]]:
     conv = [sys.executable, str(REPO / "convert_weight.py"), "--model", "llama", "--no-progress"]
     mg, back, flat = work / "megatron_tp2_pp2", work / "hf_back", work / "megatron_tp1"
-    half = str(TINYLLAMA_1B.num_hidden_layers // 2) if "1b" in src.name else str(QUICK.num_hidden_layers // 2)
+    half = str(TINYLLAMA_1B.num_hidden_layers // 2) if "1b" in src.name else str(QUICK["num_hidden_layers"] // 2)
     return [
         ("cp -r", ["cp", "-r", str(src), str(work / "cp_copy")], work / "cp_copy"),
         ("HF→Megatron TP2 PP2", conv + ["--input_path", str(src), "--output_path", str(mg), "--target", "megatron",
@@ -68,7 +68,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shape (smoke run)")
     args = parser.parse_args()
-    src = source_folder(QUICK if args.quick else TINYLLAMA_1B, args.quick)
+    src = source_folder(args.quick)
     largest = max(tensor_sizes(src).values())
     work = CACHE / "megatron-work"
     shutil.rmtree(work, ignore_errors=True)
