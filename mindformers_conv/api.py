@@ -12,7 +12,7 @@ from . import registry
 # Keys a MindFormers caller may pass; size flags go to the model's config, the rest to Options.
 SIZE_FLAGS = ("n_head", "hidden_size", "layers", "is_pretrain", "telechat_type", "qkv_concat", "use_gmm", "modal")
 OPTION_FLAGS = ("allow_unmapped", "verify", "config_path", "dry_run", "progress", "max_shard_bytes", "merge_lora",
-                "lora_alpha")
+                "lora_alpha", "jobs")
 
 
 def options_from(dtype, kwargs: dict) -> Options:

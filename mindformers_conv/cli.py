@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--verify", "after writing, convert the output back and compare every tensor's bytes")
     _flag(p, "--allow-unmapped", "leave out tensors the mapping does not know (listed) instead of stopping")
     _flag(p, "--no-progress", "no progress bar")
+    p.add_argument("-j", "--jobs", type=int, metavar="N",
+                   help="worker processes for outputs of several files, one file each (default: the cores, "
+                        "for outputs of 1 GiB or more)")
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard in folder outputs (5GB)")
     m = p.add_argument_group("Megatron layout (MindSpeed-MM names; a Megatron --input_path is read as is, "
                              "its layout discovered from the files)")
@@ -106,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
                       dry_run=args.dry_run, verify=args.verify,
                       progress=not args.no_progress and sys.stderr.isatty(),
                       max_shard_bytes=parse_size(args.max_shard_size), config_path=args.config_path, flags=flags,
-                      merge_lora=args.merge_lora, lora_alpha=args.lora_alpha)
+                      merge_lora=args.merge_lora, lora_alpha=args.lora_alpha, jobs=args.jobs)
     options.target, options.parallel = args.target, {k: getattr(args, k) for k in MEGATRON_FLAGS}
     spec = megatron_spec(args.model, args.target, args.input_path, args.config_path, flags)
     if spec is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Options:
     max_shard_bytes: int = 5 * 10**9
     config_path: str | None = None
     ckpt_slice_bytes: int = SLICE_BYTES
+    jobs: int | None = 1  # worker processes for multi-file outputs (one whole file each); None: by size
     merge_lora: bool = False  # fold LoRA A/B into their base weights (needs lora_alpha)
     lora_alpha: float | None = None  # LoRA scale numerator: merging, and the PEFT adapter_config.json
     flags: dict = field(default_factory=dict)  # model flags (n_head, qkv_concat, …) given on the CLI
@@ -126,7 +128,8 @@ def convert(spec: ModelSpec | None, input_path: str, output_path: str, *, revers
         except OSError as e:
             raise UsageError(f"cannot create output folder {folder}: {e.strerror}") from None
     carry = Path(cfg["_path"]).parent if "_path" in cfg else source.folder
-    execute(plan, layout, progress=options.progress, carry_from=carry, ckpt_slice_bytes=options.ckpt_slice_bytes)
+    execute(plan, layout, progress=options.progress, carry_from=carry, ckpt_slice_bytes=options.ckpt_slice_bytes,
+            jobs=_jobs(options.jobs, plan))
     if options.verify:
         try:
             result.verified = verify(plan, layout, source)
@@ -134,6 +137,15 @@ def convert(spec: ModelSpec | None, input_path: str, output_path: str, *, revers
             layout.remove()
             raise VerifyMismatch(f"{e}; the output was removed") from None
     return result
+
+
+AUTO_JOBS_BYTES = 1 << 30  # below this, forking workers costs more than it saves
+
+
+def _jobs(asked: int | None, plan: Plan) -> int:
+    if asked is not None:
+        return max(1, asked)
+    return os.cpu_count() or 1 if plan.total_bytes >= AUTO_JOBS_BYTES else 1
 
 
 def _choose_model(spec: ModelSpec | None, cfg: Config, names: list[str], reverse: bool) -> tuple[ModelSpec, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import sys
 from pathlib import Path
@@ -39,22 +40,24 @@ class GroupOutputs:
 
 
 def execute(plan: Plan, layout: Layout, *, progress: bool = True, carry_from: Path | None = None,
-            ckpt_slice_bytes: int = SLICE_BYTES) -> None:
-    """Write every file of the layout under temporary names, then rename them; index files last."""
-    by_name = {t.name: t for t in plan.tensors}
-    groups = GroupOutputs()
-    written: list[OutputFile] = []
+            ckpt_slice_bytes: int = SLICE_BYTES, jobs: int = 1) -> None:
+    """Write every file of the layout under temporary names, then rename them; index files last.
+
+    `jobs` > 1 writes the weight files in that many forked worker processes, one whole file each at a
+    time; the temporary files, the renames and the clean-up stay with this process.
+    """
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                disable=not progress, desc="converting", leave=False)
+    written: list[OutputFile] = []
     try:
-        for spec in layout.files:
-            out = OutputFile(spec.path, bar.update)
-            written.append(out)
-            writer = spec.open_writer(out, ckpt_slice_bytes)
-            for name, dtype, shape in spec.entries:
-                writer.add(spec.name_prefix + name, dtype, shape, groups.bytes_of(by_name[name]))
-            writer.close()
-            out.close()
+        outs = [OutputFile(spec.path, bar.update) for spec in layout.files]
+        written += outs
+        if jobs > 1 and len(outs) > 1:
+            _write_in_workers(plan, layout, outs, ckpt_slice_bytes, jobs, bar)
+        else:
+            groups = GroupOutputs()
+            for index in range(len(outs)):
+                _write_file(plan, layout, outs, index, groups, ckpt_slice_bytes)
         extras = []
         for path, data in layout.extras.items():
             extra = OutputFile(path)
@@ -62,9 +65,8 @@ def execute(plan: Plan, layout: Layout, *, progress: bool = True, carry_from: Pa
             extra.write(data)
             extra.close()
             extras.append(extra)
-        for out in written:
-            if out not in extras:
-                out.commit()
+        for out in outs:
+            out.commit()
         if layout.folder is not None and carry_from is not None:
             carry_files(carry_from, layout.folder)
         for extra in extras:
@@ -75,6 +77,41 @@ def execute(plan: Plan, layout: Layout, *, progress: bool = True, carry_from: Pa
         raise
     finally:
         bar.close()
+
+
+def _write_file(plan: Plan, layout: Layout, outs: list[OutputFile], index: int, groups: GroupOutputs,
+                ckpt_slice_bytes: int) -> int:
+    """Stream one weight file of the layout into its (already open) temporary file; its size."""
+    by_name = {t.name: t for t in plan.tensors}
+    spec, out = layout.files[index], outs[index]
+    writer = spec.open_writer(out, ckpt_slice_bytes)
+    for name, dtype, shape in spec.entries:
+        writer.add(spec.name_prefix + name, dtype, shape, groups.bytes_of(by_name[name]))
+    writer.close()
+    out.close()
+    return out.position
+
+
+_FORKED: tuple = ()  # what forked workers inherit: (plan, layout, outs, ckpt_slice_bytes)
+
+
+def _worker(index: int) -> tuple[int, int]:
+    plan, layout, outs, ckpt_slice_bytes = _FORKED
+    outs[index]._on_bytes = lambda n: None  # the parent's progress bar is not ours to draw
+    return index, _write_file(plan, layout, outs, index, GroupOutputs(), ckpt_slice_bytes)
+
+
+def _write_in_workers(plan: Plan, layout: Layout, outs: list[OutputFile], ckpt_slice_bytes: int, jobs: int,
+                      bar) -> None:
+    global _FORKED
+    _FORKED = (plan, layout, outs, ckpt_slice_bytes)
+    try:
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(outs))) as pool:
+            for index, size in pool.imap_unordered(_worker, range(len(outs))):
+                outs[index].close()
+                bar.update(size)
+    finally:
+        _FORKED = ()
 
 
 def carry_files(source: Path, folder: Path) -> list[str]:

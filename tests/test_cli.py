@@ -376,3 +376,43 @@ def test_console_script_converts_like_the_root_script(tiny_llama, tmp_path):
     assert ours.returncode == root.code == 0, ours.stderr
     assert a.read_bytes() == b.read_bytes()
     assert "verified" in ours.stdout and "verified" in root.out
+
+
+# ---- -j workers ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["ms-folder", "hf-folder"])
+def test_jobs_write_the_same_files_as_one_process(cli, tiny_llama, tmp_path, reverse):
+    hf = tiny_llama()
+    source, extra = hf, ["--dtype", "fp32"]
+    if reverse:
+        source = tmp_path / "in.ckpt"
+        run(cli, "--model", "llama", "--input_path", hf, "--output_path", source, "--dtype", "bf16")
+        extra = ["--reversed", "--config_path", str(hf)]
+    outputs = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"j{jobs}"
+        run(cli, "--model", "llama", "--input_path", source, "--output_path", f"{out}/", "--max_shard_size", "40000",
+            "-j", jobs, *extra)
+        outputs[jobs] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert len([n for n in outputs["2"] if n.endswith(".safetensors")]) > 2
+    assert outputs["1"] == outputs["2"]
+    assert not any(n.endswith(".partial") for n in outputs["2"])
+
+
+def test_a_failing_worker_stops_the_run_and_leaves_nothing(cli, tiny_llama, tmp_path, monkeypatch):
+    from mindformers_conv import execute as execute_module
+    from mindformers_conv.errors import OutputError
+
+    real = execute_module._write_file
+
+    def fail_on_the_second_file(plan, layout, outs, index, *args):
+        if index == 1:
+            raise OutputError(f"cannot write {layout.files[index].path}: disk full")
+        return real(plan, layout, outs, index, *args)
+
+    monkeypatch.setattr(execute_module, "_write_file", fail_on_the_second_file)
+    out = tmp_path / "ms"
+    result = cli("--model", "llama", "--input_path", tiny_llama(), "--output_path", f"{out}/", "--max_shard_size",
+                 "40000", "-j", "2")
+    assert result.code == OutputError.exit_code and result.err.count("\n") == 1 and "disk full" in result.err
+    assert not out.exists() or not any(out.iterdir())
