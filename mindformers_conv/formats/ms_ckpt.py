@@ -130,8 +130,11 @@ def read_index(path: Path) -> dict[str, TensorRef]:
     with open(path, "rb") as f:
         cur = _Cursor(path, f, size)
         while cur.tell() < size:
-            if size - cur.tell() == len(_CRC_TRAILER) + 10 and f.read(len(_CRC_TRAILER)) == _CRC_TRAILER:
-                break
+            if size - cur.tell() == len(_CRC_TRAILER) + 10:
+                at = cur.tell()
+                if f.read(len(_CRC_TRAILER)) == _CRC_TRAILER:
+                    break
+                f.seek(at)  # a last Value that happens to be as long as the trailer
             field, wire = cur.key()
             if field != 1 or wire != 2:
                 raise BadInput(f"{path}: not a MindSpore checkpoint (unexpected field {field} at byte {cur.tell()})")

@@ -83,7 +83,8 @@ def plan_layout(output_path: str, reverse: bool, entries: list[Entry], max_shard
     if kind == "ckpt" and path.suffix != ".ckpt":
         path = path.with_name(path.name + ".ckpt")  # as mindspore.save_checkpoint does
     if path.parent and not path.parent.is_dir():
-        raise UsageError(f"output folder {path.parent} does not exist")
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise UsageError(f"output folder {path.parent} {what}")
     return Layout([FileSpec(path, kind, entries, metadata if kind == "safetensors" else {}, pickle_wrap)])
 
 

@@ -28,7 +28,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also a number past int_max_str_digits, nesting past the limit
         raise BadInput(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise BadInput(f"{path}: safetensors header is not a JSON object")
@@ -59,9 +59,9 @@ def _tensor_entry(path: Path, name: str, info, base: int, size: int) -> TensorRe
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise BadInput(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
-    dtype = dtypes.from_code(info["dtype"]) if isinstance(info["dtype"], str) else None
+    dtype = dtypes.BY_CODE.get(info["dtype"]) if isinstance(info["dtype"], str) else None
     if dtype is None:
-        raise BadInput(f"{path}: tensor {name!r} has an invalid dtype")
+        raise BadInput(f"{path}: tensor {name!r} has an invalid dtype {info['dtype']!r}")
     start, stop = base + offsets[0], base + offsets[1]
     if stop > size:
         raise BadInput(f"{path}: tensor {name!r} ends at byte {stop}, past the end of the file ({size} bytes)")

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -41,7 +42,11 @@ def read(path: Path) -> dict[str, TensorRef]:
     Anything else (legacy format, unusual pickles) goes through `torch.load(weights_only=True)`.
     """
     path = Path(path)
-    if zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile as e:  # is_zipfile itself raises on some damaged end records
+        raise BadInput(f"{path}: corrupt torch zip checkpoint ({e})") from None
+    if is_zip:
         try:
             return _unwrap(_index_zip(path), path, TensorRef)
         except _NotPlainWeights:
@@ -112,6 +117,16 @@ def read_tree(path: Path, allow: Allow) -> object:
 
 
 def _index_zip(path: Path, allow: Allow | None = None):
+    try:
+        return _index_zip_unchecked(path, allow)
+    except (_NotPlainWeights, BadInput):
+        raise
+    except Exception as e:  # a damaged zip (BadZipFile, bad record headers) or odd values in data.pkl
+        reason = (str(e).splitlines() or [""])[0] or type(e).__name__
+        raise BadInput(f"{path}: corrupt torch zip checkpoint ({reason})") from None
+
+
+def _index_zip_unchecked(path: Path, allow: Allow | None):
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
@@ -171,6 +186,9 @@ def _record_span(zf: zipfile.ZipFile, f, name: str, path: Path) -> tuple[int, in
 
 def _ref(path: Path, name: str, t: _StoredTensor, span: tuple[int, int]) -> TensorRef:
     dtype = dtypes.from_torch(t.dtype)
+    if not (all(type(v) is int and v >= 0 for v in (t.offset, *t.size, *t.stride)) and len(t.size) == len(t.stride)):
+        raise BadInput(f"{path}: tensor {name!r} has an invalid storage offset, size or stride "
+                       f"({t.offset!r}, {t.size!r}, {t.stride!r})")
     count = 1
     for d in t.size:
         count *= d
@@ -198,20 +216,29 @@ def _contiguous_strides(size: tuple[int, ...]) -> list[int]:
 
 def _torch_load(path: Path) -> dict[str, TensorRef]:
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 54": the error line says it all
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
     except pickle.UnpicklingError:
         raise BadInput(f"{path}: refused: the pickle holds objects that are not plain weights "
                        "(nothing in it was run)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise BadInput(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # whatever a damaged file makes torch.load raise (RuntimeError, EOFError, KeyError, …)
+        reason = (str(e).splitlines() or [""])[0] or type(e).__name__
+        raise BadInput(f"{path}: not a readable torch checkpoint ({reason})") from None
     state = _unwrap(state, path, torch.Tensor)
-    return {name: TensorRef(name, dtypes.from_torch(t.dtype), tuple(t.shape), loader=lambda t=t: t)
-            for name, t in state.items()}
+    refs = {}
+    for name, t in state.items():
+        try:
+            dtype = dtypes.from_torch(t.dtype)
+        except BadInput:
+            raise BadInput(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}") from None
+        refs[name] = TensorRef(name, dtype, tuple(t.shape), loader=lambda t=t: t)
+    return refs
 
 
 def _unwrap(state, path: Path, leaf: type) -> dict:
