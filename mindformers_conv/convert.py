@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import lora, registry
 from .dtypes import DType, parse_user_dtype
-from .errors import BadInput, UsageError, VerifyMismatch
+from .errors import BadInput, OutputError, UsageError, VerifyMismatch
 from .execute import execute
 from .formats.inputs import Source, open_input
 from .formats.ms_ckpt import SLICE_BYTES
@@ -126,7 +126,7 @@ def convert(spec: ModelSpec | None, input_path: str, output_path: str, *, revers
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"cannot create output folder {folder}: {e.strerror}") from None
+            raise OutputError(f"cannot create output folder {folder}: {e.strerror}") from None
     carry = Path(cfg["_path"]).parent if "_path" in cfg else source.folder
     execute(plan, layout, progress=options.progress, carry_from=carry, ckpt_slice_bytes=options.ckpt_slice_bytes,
             jobs=_jobs(options.jobs, plan))

@@ -88,7 +88,37 @@ def parse_user_dtype(value: object) -> DType | None:
 
 
 def cast(tensor: torch.Tensor, target: DType | None) -> torch.Tensor:
-    """Cast floating tensors to `target` (None = keep); integer and bool tensors are never cast."""
+    """Cast floating tensors to `target` (None = keep); integer and bool tensors are never cast.
+
+    NaNs keep their sign and payload (torch's casts write one canonical NaN), so bf16 → fp32 → bf16 is the
+    identity on every bit pattern.
+    """
     if target is None or tensor.dtype == target.torch or not tensor.dtype.is_floating_point:
         return tensor
-    return tensor.to(target.torch)
+    out = tensor.to(target.torch)
+    source = from_torch(tensor.dtype)
+    if source.code in _FLOAT_BITS and target.code in _FLOAT_BITS:
+        nan = torch.isnan(tensor)
+        if bool(nan.any()):
+            out.view(_int_view(target))[nan] = _nan_bits(tensor[nan], source, target)
+    return out
+
+
+# IEEE layouts: (total bits, mantissa bits) of the floats whose NaNs `cast` carries over.
+_FLOAT_BITS = {"F64": (64, 52), "F32": (32, 23), "BF16": (16, 7), "F16": (16, 10)}
+
+
+def _int_view(d: DType) -> torch.dtype:
+    return {8: torch.int64, 4: torch.int32, 2: torch.int16}[d.itemsize]
+
+
+def _nan_bits(values: torch.Tensor, source: DType, target: DType) -> torch.Tensor:
+    """Target-format NaNs with the sources' signs and the top (or, widening, all) of their payloads."""
+    (src_total, src_mant), (dst_total, dst_mant) = _FLOAT_BITS[source.code], _FLOAT_BITS[target.code]
+    bits = values.view(_int_view(source)).to(torch.int64)
+    sign = (bits >> (src_total - 1)) & 1
+    payload = bits & ((1 << src_mant) - 1)
+    payload = payload >> (src_mant - dst_mant) if src_mant > dst_mant else payload << (dst_mant - src_mant)
+    payload = torch.where(payload == 0, 1 << (dst_mant - 1), payload)  # a NaN, not an infinity
+    exponent = ((1 << (dst_total - 1 - dst_mant)) - 1) << dst_mant
+    return ((sign << (dst_total - 1)) | exponent | payload).to(_int_view(target))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import os
 from pathlib import Path
 from typing import Callable
@@ -18,12 +19,31 @@ def temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
+def remove_stale_temps(final: Path) -> None:
+    """Temporary files a killed run left for the same target (their process is gone) are removed."""
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*{TMP_SUFFIX}"):
+        pid = path.name[len(final.name) + 2:-len(TMP_SUFFIX)]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class OutputFile:
     """Streams bytes into a temporary file; `commit()` renames it over `final`, `abort()` removes it."""
 
     def __init__(self, final: Path, on_bytes: Callable[[int], None] | None = None):
         self.final = Path(final)
         self.tmp = temp_name(self.final)
+        remove_stale_temps(self.final)
         self._on_bytes = on_bytes or (lambda n: None)
         self._sources: dict[str, int] = {}
         self.position = 0

@@ -766,7 +766,7 @@ CASES: dict[str, Case] = {
     "empty-folder": Case(empty_folder, BAD_INPUT),
     "unwritable-output-folder": Case(unwritable_output_folder, OUTPUT),
     "output-under-a-file": Case(output_under_a_file, USAGE),
-    "output-folder-under-a-file": Case(output_folder_under_a_file, USAGE),
+    "output-folder-under-a-file": Case(output_folder_under_a_file, OUTPUT),
     "output-is-input": Case(output_is_input, USAGE),
     "disk-full": Case(disk_full, OUTPUT, preexec=limit_file_size),
 }
@@ -896,6 +896,7 @@ def test_sigkill_mid_write_leaves_nothing_that_loads_and_a_rerun_succeeds(tmp_pa
     rerun = run(argv[2:] + ["--verify"])
     assert rerun.returncode == 0, rerun.stderr
     assert "verified" in rerun.stdout
+    assert not partial.exists()  # the killed run's temporary file is cleared by the next run
     got = ms_ckpt.read_index(out / "ms.ckpt")
     assert len(got) == len(BIG.tensors())
 
@@ -1181,19 +1182,17 @@ WIDENINGS = [("BF16", "F32"), ("BF16", "F64"), ("F16", "F32"), ("F16", "F64"), (
 @settings(max_examples=80, deadline=None)
 @given(pair=st.sampled_from(WIDENINGS), shape=st.lists(st.integers(1, 16), min_size=1, max_size=2),
        seed=st.integers(0, 2**16))
-def test_widen_then_narrow_is_identity_except_nan_payloads(pair, shape, seed):
+def test_widen_then_narrow_is_identity_on_every_bit_pattern(pair, shape, seed):
     narrow, wide = (dtypes.BY_CODE[c] for c in pair)
     x = random_bits(tuple(shape), narrow.code, seed)
     back = dtypes.cast(dtypes.cast(x, wide), narrow)
     assert back.dtype == x.dtype
     nan = torch.isnan(x.float())
     assert torch.isnan(back.float()).equal(nan)
-    keep = ~nan.reshape(-1)
+    keep = ~nan.reshape(-1) if narrow.code.startswith("F8") else torch.ones_like(nan.reshape(-1))  # f8: canonical NaN
     assert raw_bytes(back).view(-1, narrow.itemsize)[keep].equal(raw_bytes(x).view(-1, narrow.itemsize)[keep])
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug (dtypes.cast): torch's narrowing cast returns one canonical NaN, "
-                   "so bf16/fp16 NaN payloads do not survive fp32 and back")
 @pytest.mark.parametrize("code, bits", [("BF16", [0x7F81, 0xFFC1, 0x7FA5]), ("F16", [0x7C01, 0xFE01, 0x7D55])])
 def test_nan_payloads_survive_widen_then_narrow(code, bits):
     dt = dtypes.BY_CODE[code]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import registry
 from ..convert import Options, Result, check_not_input, convert, load_config, load_config_in
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 from ..formats import megatron as fmt
 from ..formats.inputs import Source, open_input
 from ..mapping import ModelSpec, rename
@@ -75,7 +75,7 @@ def _write(plan: Plan, layout: MegatronLayout, source: Source, output_path: str,
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create output folder {root}: {e.strerror}") from None
+        raise OutputError(f"cannot create output folder {root}: {e.strerror}") from None
     write_rank_files(plan, files, par, root, progress=options.progress)
     if options.verify:
         written = read_megatron(root, layout, plan.cfg).refs
