@@ -10,7 +10,8 @@ from .errors import UsageError
 from . import registry
 
 # Keys a MindFormers caller may pass; size flags go to the model's config, the rest to Options.
-SIZE_FLAGS = ("n_head", "hidden_size", "layers", "is_pretrain", "telechat_type", "qkv_concat", "use_gmm", "modal")
+SIZE_FLAGS = ("n_head", "hidden_size", "layers", "is_pretrain", "telechat_type", "qkv_concat", "use_gmm", "modal",
+              "qkv_layout")
 OPTION_FLAGS = ("allow_unmapped", "verify", "config_path", "dry_run", "progress", "max_shard_bytes", "merge_lora",
                 "lora_alpha", "jobs")
 

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--telechat_type", help="TeleChat variant, e.g. telechat_12b")
     _flag(p, "--qkv_concat", "write fused q/k/v (and gate/up) where the model supports it", None)
     _flag(p, "--use_gmm", "MoE experts in the grouped-matmul layout [E, in, out]", None)
+    p.add_argument("--qkv_layout", choices=("grouped", "contiguous"),
+                   help="fused q/k/v and gate/up: grouped per KV head and row-interleaved (MindFormers ≥ 1.4, "
+                        "default) or v1.3's contiguous [q; k; v] and [gate; up]")
     p.add_argument("--modal", choices=("video", "image"), help="CogVLM2: which model (default: from config.json)")
     _flag(p, "--merge_lora", "fold LoRA A/B into the base weights (W + B·A·alpha/r, in fp32)")
     p.add_argument("--lora_alpha", type=float, help="LoRA alpha, for --merge_lora and the PEFT adapter_config.json")
@@ -120,7 +123,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_FLAGS = ("n_head", "hidden_size", "layers", "telechat_type", "modal", "is_pretrain", "qkv_concat", "use_gmm")
+MODEL_FLAGS = ("n_head", "hidden_size", "layers", "telechat_type", "modal", "is_pretrain", "qkv_concat", "qkv_layout",
+               "use_gmm")
 MEGATRON_FLAGS = ("tp", "ep", "llm_pp_layers", "vit_pp_layers", "iteration", "make_vocab_size_divisible_by")
 
 

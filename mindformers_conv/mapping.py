@@ -148,6 +148,30 @@ def qkv_grouped(heads: Heads) -> Op:
     return Op("qkv_grouped", forward, backward)
 
 
+def config_heads(cfg: Config) -> tuple[int, int, int]:
+    """(query heads, kv heads, head_dim) from config.json (or --n_head / --hidden_size); head_dim may
+    differ from hidden / heads when config.json says so."""
+    n_heads = cfg.get("num_attention_heads") or cfg.get("n_head")
+    hidden = cfg.get("hidden_size")
+    if not n_heads or not hidden:
+        raise ValueError("config.json has no num_attention_heads/hidden_size; pass --config_path or "
+                         "--n_head and --hidden_size")
+    return n_heads, cfg.get("num_key_value_heads") or n_heads, cfg.get("head_dim") or hidden // n_heads
+
+
+def interleave_rows(n: int) -> Op:
+    """n tensors of equal rows ↔ one whose rows alternate (a0, b0, a1, b1, …): MindFormers' w_gate_hidden."""
+
+    def forward(xs, cfg):
+        return [torch.stack(xs, dim=1).reshape(-1, *xs[0].shape[1:])]
+
+    def backward(xs, cfg):
+        x = xs[0]
+        return list(x.reshape(x.shape[0] // n, n, *x.shape[1:]).unbind(1))
+
+    return Op("interleave_rows", forward, backward)
+
+
 @dataclass(frozen=True)
 class Rule:
     hf: tuple[Pattern, ...]

@@ -12,26 +12,16 @@ README's `--qkv_concat True` gives the same file as ours. The reverse takes eith
 
 from dataclasses import replace
 
-from mindformers_conv.mapping import ModelSpec, drop_hf, qkv_grouped, rename, transform
+from mindformers_conv.mapping import ModelSpec, config_heads, drop_hf, qkv_grouped, rename, transform
 from mindformers_conv.registry import register
 
 LAYER = "model.layers.{i}"
 
 
-def heads(cfg) -> tuple[int, int, int]:
-    """(query heads, kv heads, head_dim) from config.json, or --n_head / --hidden_size."""
-    n_heads = cfg.get("num_attention_heads") or cfg.get("n_head")
-    hidden = cfg.get("hidden_size")
-    if not n_heads or not hidden:
-        raise ValueError("config.json has no num_attention_heads/hidden_size; pass --config_path or "
-                         "--n_head and --hidden_size")
-    return n_heads, cfg.get("num_key_value_heads") or n_heads, hidden // n_heads
-
-
 FUSED = rename(f"{LAYER}.attention.wqkv.{{p}}", f"{LAYER}.attention.w.{{p}}")
 SPLIT = transform(f"{LAYER}.attention.wqkv.{{p}}",
                   [f"{LAYER}.attention.wq.{{p}}", f"{LAYER}.attention.wk.{{p}}", f"{LAYER}.attention.wv.{{p}}"],
-                  qkv_grouped(heads))
+                  qkv_grouped(config_heads))
 
 INTERNLM2 = register(ModelSpec(
     key="internlm2",
