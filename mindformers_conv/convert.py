@@ -151,8 +151,10 @@ def _jobs(asked: int | None, plan: Plan) -> int:
 def _choose_model(spec: ModelSpec | None, cfg: Config, names: list[str], reverse: bool) -> tuple[ModelSpec, str]:
     if spec is None:
         spec, evidence = registry.detect(cfg, names, reverse)
-        return spec, f"model: {spec.key} (detected from {evidence})"
+        layout = f"; {spec.layout_of(cfg)}" if spec.layout_of else ""
+        return spec, f"model: {spec.key} (detected from {evidence}{layout})"
     spec, why = registry.resolve(spec, cfg, names, reverse)
+    why = "; ".join(filter(None, [why, spec.layout_of(cfg) if spec.layout_of else None]))
     return spec, f"model: {spec.key} ({why})" if why else ""
 
 

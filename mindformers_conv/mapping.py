@@ -296,6 +296,7 @@ class ModelSpec:
     layers_flag: bool = False  # --layers N converts layers {i} < N only (gpt, wizardcoder)
     covers: tuple[str, ...] = ()  # other keys this key also accepts, picked from the input (qwen → qwen2)
     ms_names_of: str = ""  # the key whose MindSpore names these are too (--model auto prefers that key)
+    layout_of: Callable[[Config], str] | None = field(default=None, compare=False)  # which variant, said
     lora_style: str = "mindpet_delta_lora"  # MindFormers' LoRA parameter suffix (`…_a` / `…_b`) written forward
     extra_rules: tuple[Rule, ...] = field(default=TRAINING_STATE, repr=False)
     # A Megatron model: the MS side names full Megatron tensors and this MegatronLayout places them.

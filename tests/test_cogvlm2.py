@@ -180,14 +180,15 @@ def test_cogvlm2_first_inv_freq_becomes_freqs_mgr_freqs(cli, tmp_path):
 def test_cogvlm2_model_auto_from_architectures(cli, tmp_path, modal):
     hf = write_hf(tmp_path / "hf", hf_state(modal), config(modal))
     result = convert(cli, "--model", "auto", "--input_path", hf, "--output_path", tmp_path / "c.ckpt")
-    assert "model: cogvlm2" in result.out
+    assert f"model: cogvlm2 (detected from config.json architectures; {modal} model, from config.json" in result.out
     assert ms_names(tmp_path / "c.ckpt") == expected_ms(modal)
 
 
 def test_cogvlm2_modal_flag_selects_the_image_rules(cli, tmp_path):
     cfg = {k: v for k, v in config("image").items() if k not in ("architectures", "auto_map")}
     hf = write_hf(tmp_path / "hf", hf_state("image"), cfg)
-    convert(cli, "--model", "cogvlm2", "--input_path", hf, "--output_path", tmp_path / "c.ckpt", "--modal", "image")
+    said = convert(cli, "--model", "cogvlm2", "--input_path", hf, "--output_path", tmp_path / "c.ckpt", "--modal", "image")
+    assert "model: cogvlm2 (image model, from --modal)" in said.out
     assert ms_names(tmp_path / "c.ckpt") == expected_ms("image")
 
 

@@ -289,3 +289,15 @@ def test_glm_n_auto_detection_and_python_api(cli, tmp_path):
     assert_same_tensors(tensors_of(tmp_path / "g.ckpt"), tensors_of(tmp_path / "a.ckpt"))
     assert convert_ms_to_pt(tmp_path / "g.ckpt", f"{tmp_path}/back/", config_path=hf)
     assert_same_tensors(tensors_of(tmp_path / "back"), weights_of(hf))
+
+
+@pytest.mark.parametrize("key, extra, said", [
+    ("glm-n", {}, "ChatGLM2-6B layout"),
+    ("glm-n", {"rope_ratio": 50}, "ChatGLM3-6B-32K (from config.json rope_ratio)"),
+    ("glm4", {}, "GLM-4 (from config.json padded_vocab_size / rope_ratio)"),
+])
+def test_glm_n_says_which_glm_it_converted(cli, tmp_path, key, extra, said):
+    """The guide's glm-n covers GLM2, GLM3, GLM3-32K and GLM4 (one conversion); the CLI says which it saw."""
+    hf = glm2_hf(tmp_path / "hf", key, **extra)
+    result = cli("--model", "glm-n", "--input_path", hf, "--output_path", tmp_path / "g.ckpt")
+    assert result.code == 0 and f"model: glm-n ({said})" in result.out, result.out + result.err

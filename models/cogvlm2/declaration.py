@@ -29,6 +29,11 @@ def video(cfg) -> bool:
     return not image(cfg)
 
 
+def layout(cfg) -> str:
+    source = "--modal" if cfg.get("modal") else "config.json architectures"
+    return f"{'image' if image(cfg) else 'video'} model, from {source}"
+
+
 def qkv_rows(cfg, rows: int) -> list[int]:
     """[q; k; v] rows: q has hidden_size rows (heads × head_dim), k and v split the rest (multi-query heads)."""
     hidden = cfg.get("hidden_size")
@@ -90,5 +95,6 @@ register(ModelSpec(
     description="CogVLM2-Video-Llama3-Chat and CogVLM2-Llama3-Chat-19B (image), raw safetensors",
     architectures=("CogVLMVideoForCausalLM", "CogVLMForCausalLM"),
     forward_dtype=None,  # pt2ms(v, None) keeps the stored dtype (bfloat16 checkpoints, §7)
+    layout_of=layout,
     rules=(*VISION, *LLM, *VIDEO_LAYER, *IMAGE_LAYER),
 ))

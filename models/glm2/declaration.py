@@ -89,6 +89,17 @@ MLP_RULES = (  # dense_h_to_4h: fused unless `mlp_concat: false`; the reverse re
     MLP_FUSED,
 )
 
+def generation(cfg) -> str:
+    """Which GLM the config describes (one conversion serves all of them; this only says which it saw)."""
+    if (cfg.get("padded_vocab_size") or 0) >= 151552 or (cfg.get("rope_ratio") or 0) >= 500:
+        return "GLM-4 (from config.json padded_vocab_size / rope_ratio)"
+    if "rope_ratio" in cfg:
+        return "ChatGLM3-6B-32K (from config.json rope_ratio)"
+    if cfg.get("seq_length") == 8192:
+        return "ChatGLM3-6B (from config.json seq_length)"
+    return "ChatGLM2-6B layout" if cfg else "no config.json: the ChatGLM2-6B layout"
+
+
 GLM_N = register(ModelSpec(
     key="glm-n",
     description="ChatGLM2-6B, ChatGLM3-6B(-32K), GLM-4-9B",
@@ -96,6 +107,7 @@ GLM_N = register(ModelSpec(
     architectures=("ChatGLMModel", "ChatGLMForConditionalGeneration"),
     forward_dtype="F32",  # AutoModel.from_pretrained without torch_dtype materialises fp32 (§2.2.a, §7)
     tied=("transformer.output_layer.weight", "transformer.embedding.word_embeddings.weight"),
+    layout_of=generation,
     lora_style="tk_delta_lora",  # the glm2 reverse maps tk_delta_lora_a/_b (§2.2.a reverse)
     rules=(
         rename("transformer.embedding.word_embeddings.weight", "transformer.embedding.embedding_weight"),
