@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard in folder outputs (5GB)")
     m = p.add_argument_group("Megatron layout (MindSpeed-MM names; a Megatron --input_path is read as is, "
                              "its layout discovered from the files)")
-    m.add_argument("--target", choices=("megatron",), help="write a Megatron checkpoint (from HF, or reshard one)")
+    m.add_argument("--target", choices=("megatron", "dcp"),
+                   help="write a Megatron checkpoint (from HF, or reshard one), or the model as one torch DCP folder")
     m.add_argument("--tp", type=int, help="tensor-parallel size (default 1, or the input's)")
     m.add_argument("--ep", type=int, help="expert-parallel size (default 1, or the input's)")
     for name, what in (("llm", "language model"), ("vit", "vision tower")):

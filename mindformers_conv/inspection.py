@@ -10,7 +10,7 @@ from pathlib import Path
 from . import registry
 from .convert import load_config, load_config_in
 from .errors import ConvError
-from .formats import megatron
+from .formats import dcp, megatron
 from .formats.inputs import Source, open_input
 from .mapping import ModelSpec
 from .plan import Planned, build_plan
@@ -20,6 +20,9 @@ from .lazy import torch
 
 def inspect_checkpoint(path: str) -> dict:
     """Names, dtypes, shapes and bytes of every tensor (headers only), totals, format and family."""
+    if dcp.is_dcp(path):  # before is_megatron: a DCP root has the same tracker file
+        from .megatron.dcp import inspect_dcp
+        return inspect_dcp(path)
     if megatron.is_megatron(path):
         return _inspect_megatron(path)
     source = open_input(path)

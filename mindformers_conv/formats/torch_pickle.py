@@ -319,8 +319,10 @@ class PickleWriter:
     def __init__(self, out: OutputFile, entries: list[tuple[str, dtypes.DType, Shape]], wrap: str | None = None,
                  container: Container | None = None):
         """`entries` in the order `add` is called; `container` shapes the pickled object (default: a flat
-        state dict, wrapped as {wrap: …} when `wrap` is given)."""
+        state dict, wrapped as {wrap: …} when `wrap` is given). The archive starts where `out` is: its
+        offsets count from there (archives back to back in one file, as DCP's `.distcp` holds them)."""
         self.out = out
+        self.base = out.position
         self.prefix = out.final.stem or "archive"
         self.central: list[bytes] = []
         self._names = [name for name, _, _ in entries]
@@ -344,24 +346,25 @@ class PickleWriter:
     def _record(self, name: str, data) -> None:
         fname = f"{self.prefix}/{name}".encode()
         size = data.nbytes
-        offset = self.out.position
+        offset = self.out.position - self.base
         zip64 = struct.pack("<HHQQ", 1, 16, size, size)
         pad = -(offset + 30 + len(fname) + len(zip64) + 4) % ALIGN
         extra = zip64 + struct.pack("<HH", 0x4246, pad) + b"\0" * pad
         self.out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, 0, 0x21, 0, 0xFFFFFFFF, 0xFFFFFFFF,
                                    len(fname), len(extra)) + fname + extra)
         crc = _write_with_crc(self.out, data)
-        os.pwrite(self.out.fd, struct.pack("<I", crc), offset + 14)
+        os.pwrite(self.out.fd, struct.pack("<I", crc), self.base + offset + 14)
         cextra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
         self.central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0x21, crc, 0xFFFFFFFF,
                                         0xFFFFFFFF, len(fname), len(cextra), 0, 0, 0, 0, 0xFFFFFFFF)
                             + fname + cextra)
 
     def _end_of_central_directory(self) -> None:
-        start = self.out.position
+        start = self.out.position - self.base
         for entry in self.central:
             self.out.write(entry)
-        size, count, end = self.out.position - start, len(self.central), self.out.position
+        end = self.out.position - self.base
+        size, count = end - start, len(self.central)
         self.out.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, size, start))
         self.out.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
         self.out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))

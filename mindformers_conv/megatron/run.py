@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import registry
 from ..convert import Options, Result, check_not_input, convert, load_config, load_config_in
 from ..errors import OutputError, UsageError
+from ..formats import dcp as dcp_fmt
 from ..formats import megatron as fmt
 from ..formats.inputs import Source, open_input
 from ..mapping import ModelSpec, rename
@@ -15,6 +16,7 @@ from ..plan import Plan, build_plan
 from ..verify import verify
 from .layout import MegatronLayout, Parallel, resolve_parallel
 from .pipeline import PipelineLayers, parse_pp_layers
+from .dcp import read_dcp_source, write_dcp
 from .read import MegatronSource, read_megatron
 from .write import as_layout, plan_rank_files, write_rank_files
 
@@ -22,7 +24,7 @@ from .write import as_layout, plan_rank_files, write_rank_files
 def megatron_spec(model: str, target: str | None, input_path: str, config_path: str | None,
                    flags: dict) -> ModelSpec | None:
     """The Megatron declaration to use when the output or the input is Megatron, else None."""
-    megatron_input = fmt.is_megatron(input_path)
+    megatron_input = fmt.is_megatron(input_path) or dcp_fmt.is_dcp(input_path)
     if not target and not megatron_input:
         return None
     if model != "auto":
@@ -35,26 +37,28 @@ def megatron_spec(model: str, target: str | None, input_path: str, config_path: 
 
 def convert_megatron(spec: ModelSpec, input_path: str, output_path: str, *, reverse: bool, options: Options) -> Result:
     layout: MegatronLayout = spec.megatron
-    if fmt.is_megatron(input_path):
-        if not reverse and options.target != "megatron":
-            raise UsageError(f"{input_path} is a Megatron checkpoint: pass --reversed to write HF, "
-                             "or --target megatron to reshard it")
+    is_dcp = dcp_fmt.is_dcp(input_path)  # before is_megatron: a DCP root has the same tracker file
+    if is_dcp or fmt.is_megatron(input_path):
+        kind = "DCP" if is_dcp else "Megatron"
+        if not reverse and options.target not in TARGETS:
+            raise UsageError(f"{input_path} is a {kind} checkpoint: pass --reversed to write HF, "
+                             "or --target megatron / dcp to rewrite it")
         cfg = load_config_in(Path(input_path), options.config_path, options.flags)
-        found = read_megatron(input_path, layout, cfg)
-        source = Source(found.refs, found.files, Path(input_path), "megatron")
-        if options.target == "megatron":
+        found = (read_dcp_source if is_dcp else read_megatron)(input_path, layout, cfg)
+        source = Source(found.refs, found.files, Path(input_path), kind.lower())
+        if options.target in TARGETS:
             identity = ModelSpec(spec.key, spec.description, (rename("{name*}", "{name*}"),), extra_rules=())
             plan = build_plan(identity, source.refs, reverse=False, dtype=options.dtype, cfg=cfg,
                               mindformers_defaults=False)
             return _write(plan, layout, source, output_path, options, defaults=found)
         result = convert(replace(spec, megatron=None), input_path, output_path, reverse=True, options=options,
                          source=source)
-        result.direction = "Megatron → HF"
+        result.direction = f"{kind} → HF"
         return result
     if reverse:
         raise UsageError(f"--reversed needs a Megatron checkpoint folder as --input_path, got {input_path}")
-    if options.target != "megatron":
-        raise UsageError(f"--model {spec.key} converts to Megatron only: pass --target megatron")
+    if options.target not in TARGETS:
+        raise UsageError(f"--model {spec.key} converts to Megatron only: pass --target megatron (or dcp)")
     source = open_input(input_path)
     cfg = load_config(source, options.config_path, options.flags, options.hints)
     plan = build_plan(spec, source.refs, reverse=False, dtype=options.dtype, cfg=cfg,
@@ -62,14 +66,20 @@ def convert_megatron(spec: ModelSpec, input_path: str, output_path: str, *, reve
     return _write(plan, layout, source, output_path, options)
 
 
+TARGETS = ("megatron", "dcp")
+
+
 def _write(plan: Plan, layout: MegatronLayout, source: Source, output_path: str, options: Options,
            defaults: MegatronSource | None = None) -> Result:
     """Place the plan's full tensors per the layout flags (a reshard keeps what it does not change)."""
+    origin = {"megatron": "Megatron", "dcp": "DCP"}.get(source.format, "HF")
+    if options.target == "dcp":
+        return write_dcp(plan, layout, source, output_path, options, f"{origin} → DCP")
     check_not_input(source, output_path)
     par = parallel_from(options.parallel, layout, plan, defaults)
     root = Path(output_path)
     files = plan_rank_files(plan, layout, par, root)
-    result = Result(source, plan, as_layout(files, root), direction="Megatron → Megatron" if defaults else "HF → Megatron")
+    result = Result(source, plan, as_layout(files, root), direction=f"{origin} → Megatron")
     if options.dry_run:
         return result
     try:

@@ -1,0 +1,1 @@
+"""Qwen2.5-VL: HF ↔ MindSpeed-MM Megatron layout."""
