@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("llm", "language model"), ("vit", "vision tower")):
         m.add_argument(f"--{name}_pp_layers", metavar="LIST",
                        help=f"{what} layers per PP stage, e.g. 1,3, or per VPP chunk [[1,2],[2,1]]")
+    m.add_argument("--vpp", type=int, help="virtual pipeline chunks (checked against the per-chunk layer lists)")
     m.add_argument("--iteration", type=int, help="write iter_XXXXXXX instead of release")
     m.add_argument("--make_vocab_size_divisible_by", type=int,
                    help="pad the vocab to a multiple of N × TP (default: of TP)")
@@ -126,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
 
 MODEL_FLAGS = ("n_head", "hidden_size", "layers", "telechat_type", "modal", "is_pretrain", "qkv_concat", "qkv_layout",
                "use_gmm")
-MEGATRON_FLAGS = ("tp", "ep", "llm_pp_layers", "vit_pp_layers", "iteration", "make_vocab_size_divisible_by")
+MEGATRON_FLAGS = ("tp", "ep", "vpp", "llm_pp_layers", "vit_pp_layers", "iteration", "make_vocab_size_divisible_by")
 
 
 def _inspect(argv: list[str]) -> int:

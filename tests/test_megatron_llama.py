@@ -169,6 +169,7 @@ def test_llama_iteration_folder_and_tracker(cli, hf_models, tmp_path):
     (LlamaShape(intermediate_size=98), ["--tp", "4"], "98 gate/up rows (ffn size) do not divide over --tp 4"),
     (LlamaShape(num_hidden_layers=4), ["--llm_pp_layers", "1,2"], "sum to 3, but the model has 4 llm layers"),
     (LlamaShape(), ["--llm_pp_layers", "[[1,1],[1]]"], "same number of PP stages"),
+    (LlamaShape(), ["--vpp", "2", "--llm_pp_layers", "1,1"], "--vpp 2: --llm_pp_layers 1,1 has 1 chunk(s)"),
 ])
 def test_llama_megatron_layout_errors_are_one_line_and_write_nothing(cli, tmp_path, shape, flags, message):
     hf = write_llama(tmp_path / "hf", shape)

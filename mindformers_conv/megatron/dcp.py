@@ -48,7 +48,7 @@ def _placements(plan: Plan, layout: MegatronLayout) -> list[Placement]:
 def write_dcp(plan: Plan, layout: MegatronLayout, source: Source, output_path: str, options: Options,
               direction: str) -> Result:
     check_not_input(source, output_path)
-    layout_flags = [k for k in ("tp", "ep", "llm_pp_layers", "vit_pp_layers", "make_vocab_size_divisible_by")
+    layout_flags = [k for k in ("tp", "ep", "vpp", "llm_pp_layers", "vit_pp_layers", "make_vocab_size_divisible_by")
                     if options.parallel.get(k) not in (None, 1)]
     if layout_flags:
         raise UsageError(f"--target dcp writes full, unsharded tensors: --{layout_flags[0]} does not apply")

@@ -102,6 +102,10 @@ def parallel_from(flags: dict, layout: MegatronLayout, plan: Plan, defaults: Meg
     for m in layout.modalities:
         text = flags.get(f"{m.name}_pp_layers")
         pp_layers[m.name] = parse_pp_layers(text) if text else None
+        vpp = flags.get("vpp")
+        if vpp and pp_layers[m.name] and len(pp_layers[m.name].chunks) != vpp:
+            raise UsageError(f"--vpp {vpp}: --{m.name}_pp_layers {text} has {len(pp_layers[m.name].chunks)} "
+                             f"chunk(s); give one list per chunk, e.g. [[1,2],[2,1]]")
     if defaults is not None and not any(pp_layers.values()):
         pp_layers = dict(defaults.pipelines)
     return resolve_parallel(layout, plan.entries, tp=flag("tp", defaults.tp if defaults else 1),
