@@ -52,12 +52,13 @@ def execute(plan: Plan, layout: Layout, *, progress: bool = True, carry_from: Pa
     try:
         outs = [OutputFile(spec.path, bar.update) for spec in layout.files]
         written += outs
+        by_name = {t.name: t for t in plan.tensors}
         if jobs > 1 and len(outs) > 1:
-            _write_in_workers(plan, layout, outs, ckpt_slice_bytes, jobs, bar)
+            _write_in_workers(by_name, layout, outs, ckpt_slice_bytes, jobs, bar)
         else:
             groups = GroupOutputs()
             for index in range(len(outs)):
-                _write_file(plan, layout, outs, index, groups, ckpt_slice_bytes)
+                _write_file(by_name, layout, outs, index, groups, ckpt_slice_bytes)
         extras = []
         for path, data in layout.extras.items():
             extra = OutputFile(path)
@@ -79,10 +80,9 @@ def execute(plan: Plan, layout: Layout, *, progress: bool = True, carry_from: Pa
         bar.close()
 
 
-def _write_file(plan: Plan, layout: Layout, outs: list[OutputFile], index: int, groups: GroupOutputs,
-                ckpt_slice_bytes: int) -> int:
+def _write_file(by_name: dict[str, Planned], layout: Layout, outs: list[OutputFile], index: int,
+                groups: GroupOutputs, ckpt_slice_bytes: int) -> int:
     """Stream one weight file of the layout into its (already open) temporary file; its size."""
-    by_name = {t.name: t for t in plan.tensors}
     spec, out = layout.files[index], outs[index]
     writer = spec.open_writer(out, ckpt_slice_bytes)
     for name, dtype, shape in spec.entries:
@@ -92,19 +92,19 @@ def _write_file(plan: Plan, layout: Layout, outs: list[OutputFile], index: int, 
     return out.position
 
 
-_FORKED: tuple = ()  # what forked workers inherit: (plan, layout, outs, ckpt_slice_bytes)
+_FORKED: tuple = ()  # what forked workers inherit: (by_name, layout, outs, ckpt_slice_bytes)
 
 
 def _worker(index: int) -> tuple[int, int]:
-    plan, layout, outs, ckpt_slice_bytes = _FORKED
+    by_name, layout, outs, ckpt_slice_bytes = _FORKED
     outs[index]._on_bytes = lambda n: None  # the parent's progress bar is not ours to draw
-    return index, _write_file(plan, layout, outs, index, GroupOutputs(), ckpt_slice_bytes)
+    return index, _write_file(by_name, layout, outs, index, GroupOutputs(), ckpt_slice_bytes)
 
 
-def _write_in_workers(plan: Plan, layout: Layout, outs: list[OutputFile], ckpt_slice_bytes: int, jobs: int,
-                      bar) -> None:
+def _write_in_workers(by_name: dict[str, Planned], layout: Layout, outs: list[OutputFile], ckpt_slice_bytes: int,
+                      jobs: int, bar) -> None:
     global _FORKED
-    _FORKED = (plan, layout, outs, ckpt_slice_bytes)
+    _FORKED = (by_name, layout, outs, ckpt_slice_bytes)
     try:
         with multiprocessing.get_context("fork").Pool(min(jobs, len(outs))) as pool:
             for index, size in pool.imap_unordered(_worker, range(len(outs))):

@@ -405,10 +405,10 @@ def test_a_failing_worker_stops_the_run_and_leaves_nothing(cli, tiny_llama, tmp_
 
     real = execute_module._write_file
 
-    def fail_on_the_second_file(plan, layout, outs, index, *args):
+    def fail_on_the_second_file(by_name, layout, outs, index, *args):
         if index == 1:
             raise OutputError(f"cannot write {layout.files[index].path}: disk full")
-        return real(plan, layout, outs, index, *args)
+        return real(by_name, layout, outs, index, *args)
 
     monkeypatch.setattr(execute_module, "_write_file", fail_on_the_second_file)
     out = tmp_path / "ms"
