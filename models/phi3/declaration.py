@@ -1,24 +1,15 @@
 """phi3: Phi-3 / Phi-3.5-mini (HF `Phi3ForCausalLM`) into MindFormers' llama layout.
 
 Phi-3 is a llama with two fused projections: `qkv_proj` = [q; k; v] rows and `gate_up_proj` = [gate; up]
-rows. Split, they are llama's wq/wk/wv and w1/w3, so MindFormers' llama model loads the result.
+rows. Split, they are llama's wq/wk/wv and w1/w3, so MindFormers' llama model loads the result; the
+q/k/v row counts are llama's `qkv_rows` (heads and head_dim from config.json).
 Not a MindFormers key: the source dtype is kept unless --dtype is given.
 """
 
-from models.llama.declaration import BODY, EMBEDDING, LAYER, LLAMA
+from models.llama.declaration import BODY, EMBEDDING, LAYER, LLAMA, qkv_rows
 
 from mindformers_conv.mapping import ModelSpec, equal_parts, split, transform
 from mindformers_conv.registry import register
-
-
-def qkv_rows(cfg, rows: int) -> list[int]:
-    """Rows of q, k and v in `qkv_proj`, from config.json's heads (head_dim need not be hidden/heads)."""
-    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
-    if not heads or not hidden:
-        raise ValueError("config.json has no num_attention_heads/hidden_size; pass --config_path")
-    head_dim = cfg.get("head_dim") or hidden // heads
-    kv_rows = (cfg.get("num_key_value_heads") or heads) * head_dim
-    return [heads * head_dim, kv_rows, kv_rows]
 
 
 register(ModelSpec(
