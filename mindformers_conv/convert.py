@@ -9,12 +9,13 @@ from pathlib import Path
 
 from . import lora, registry
 from .dtypes import DType, parse_user_dtype
-from .errors import BadInput, OutputError, UsageError, VerifyMismatch
+from .errors import BadInput, UsageError, VerifyMismatch
 from .execute import execute
 from .formats.inputs import Source, open_input
 from .formats.ms_ckpt import SLICE_BYTES
 from .formats.outputs import Layout, output_kind, plan_layout
 from .mapping import Config, ModelSpec
+from .outfile import make_folder
 from .plan import Plan, build_plan
 from .verify import verify
 
@@ -123,10 +124,7 @@ def convert(spec: ModelSpec | None, input_path: str, output_path: str, *, revers
     if options.dry_run:
         return result
     for folder in {f.path.parent for f in layout.files} if layout.folder is not None else ():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"cannot create output folder {folder}: {e.strerror}") from None
+        make_folder(folder)
     carry = Path(cfg["_path"]).parent if "_path" in cfg else source.folder
     execute(plan, layout, progress=options.progress, carry_from=carry, ckpt_slice_bytes=options.ckpt_slice_bytes,
             jobs=_jobs(options.jobs, plan))

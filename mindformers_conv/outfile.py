@@ -19,6 +19,14 @@ def temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
+def make_folder(folder: Path) -> None:
+    """Create an output folder and its parents; a failure is one OutputError naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output folder {folder}: {e.strerror}") from None
+
+
 def remove_stale_temps(final: Path) -> None:
     """Temporary files a killed run left for the same target (their process is gone) are removed."""
     for path in final.parent.glob(f".{glob.escape(final.name)}.*{TMP_SUFFIX}"):

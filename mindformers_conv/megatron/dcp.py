@@ -16,18 +16,19 @@ from tqdm import tqdm
 
 from .. import registry
 from ..convert import Options, Result, check_not_input, load_config_in
-from ..errors import ConvError, OutputError, UsageError
+from ..errors import ConvError, UsageError
 from ..execute import GroupOutputs
 from ..formats import dcp as fmt
 from ..formats import megatron as mfmt
 from ..formats.inputs import Source
 from ..formats.outputs import FileSpec, Layout
 from ..mapping import Config
-from ..outfile import OutputFile
+from ..outfile import OutputFile, make_folder
 from ..plan import Plan
 from ..verify import verify
 from .layout import MegatronLayout, Placement, place, resolve_parallel
 from .read import MegatronSource
+from .write import commit_with_tracker
 
 
 def read_dcp_source(path: str | Path, layout: MegatronLayout, cfg: Config) -> MegatronSource:
@@ -61,10 +62,7 @@ def write_dcp(plan: Plan, layout: MegatronLayout, source: Source, output_path: s
                     direction=direction)
     if options.dry_run:
         return result
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create output folder {folder}: {e.strerror}") from None
+    make_folder(folder)
     by_name = {t.name: t for t in plan.tensors}
     groups = GroupOutputs()
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
@@ -80,12 +78,7 @@ def write_dcp(plan: Plan, layout: MegatronLayout, source: Source, output_path: s
         meta = OutputFile(folder / fmt.METADATA)
         outs.append(meta)
         meta.write(writer.metadata_bytes())
-        for out in outs:
-            out.commit()
-        tracker = OutputFile(root / mfmt.TRACKER)  # last: the folder is a checkpoint only when complete
-        outs.append(tracker)
-        tracker.write(mfmt.tracker_text(iteration))
-        tracker.commit()
+        commit_with_tracker(outs, root, iteration)
     except BaseException:
         for out in outs:
             out.abort()

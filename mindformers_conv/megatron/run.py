@@ -7,11 +7,12 @@ from pathlib import Path
 
 from .. import registry
 from ..convert import Options, Result, check_not_input, convert, load_config, load_config_in
-from ..errors import OutputError, UsageError
+from ..errors import UsageError
 from ..formats import dcp as dcp_fmt
 from ..formats import megatron as fmt
 from ..formats.inputs import Source, open_input
 from ..mapping import ModelSpec, rename
+from ..outfile import make_folder
 from ..plan import Plan, build_plan
 from ..verify import verify
 from .layout import MegatronLayout, Parallel, resolve_parallel
@@ -82,10 +83,7 @@ def _write(plan: Plan, layout: MegatronLayout, source: Source, output_path: str,
     result = Result(source, plan, as_layout(files, root), direction=f"{origin} → Megatron")
     if options.dry_run:
         return result
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create output folder {root}: {e.strerror}") from None
+    make_folder(root)
     write_rank_files(plan, files, par, root, progress=options.progress)
     if options.verify:
         written = read_megatron(root, layout, plan.cfg).refs

@@ -94,18 +94,24 @@ def write_rank_files(plan: Plan, files: list[RankFile], par: Parallel, root: Pat
                 writer.close()
             for out in outs[-len(stage):]:
                 out.close()
-        for out in outs:
-            out.commit()
-        tracker = OutputFile(root / fmt.TRACKER)
-        outs.append(tracker)
-        tracker.write(fmt.tracker_text(par.iteration))
-        tracker.commit()
+        commit_with_tracker(outs, root, par.iteration)
     except BaseException:
         for out in outs:
             out.abort()
         raise
     finally:
         bar.close()
+
+
+def commit_with_tracker(outs: list[OutputFile], root: Path, iteration: int | None) -> None:
+    """Rename the written files into place, then write the tracker file: the folder is a checkpoint only
+    when complete. The tracker joins `outs`, so the caller's clean-up covers it too."""
+    for out in outs:
+        out.commit()
+    tracker = OutputFile(root / fmt.TRACKER)
+    outs.append(tracker)
+    tracker.write(fmt.tracker_text(iteration))
+    tracker.commit()
 
 
 def _in_order(stage: list[RankFile]) -> list[Placement]:
