@@ -120,7 +120,11 @@ def _by_config(models: list[ModelSpec], cfg: dict) -> tuple[list[ModelSpec], str
 
 
 def _by_names(models: list[ModelSpec], cfg: dict, names: list[str], reverse: bool) -> list[ModelSpec]:
-    return [m for m in models if all(match_rule(m.all_rules(cfg), n, reverse) for n in names)]
+    return [m for m in models if _knows(m.all_rules(cfg), names, reverse)]
+
+
+def _knows(rules, names: list[str], reverse: bool) -> bool:
+    return all(match_rule(rules, n, reverse) for n in names)
 
 
 def _one(candidates: list[ModelSpec], evidence: str) -> ModelSpec:
