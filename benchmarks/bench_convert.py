@@ -1,29 +1,28 @@
 #!/usr/bin/env python3
-"""Benchmark: our converter against `cp -r` on a TinyLlama-1.1B-shaped bf16 HF checkpoint.
+"""Benchmark: our converter against `cp -r` and MindFormers v1.3.2's own llama converter, side by side.
 
-    .venv/bin/python benchmarks/bench_convert.py              # full size (~2.2 GB), what `make bench` runs
-    .venv/bin/python benchmarks/bench_convert.py --quick      # small shape, CI smoke (`make bench-quick`)
-    .venv/bin/python benchmarks/bench_convert.py --repeat 3   # median of 3 runs per step
-    .venv/bin/python benchmarks/bench_convert.py --keep       # leave the outputs of the last run in place
+    .venv/bin/python benchmarks/bench_convert.py              # full (`make bench`): 4 model sizes, ~10 min
+    .venv/bin/python benchmarks/bench_convert.py --quick      # one small model, under a minute (`make bench-quick`)
+    .venv/bin/python benchmarks/bench_convert.py --repeat 3   # our steps and cp 3 times (median); MindFormers once
+    ... --json out.json --plot out.png                        # figures as JSON; time and RSS vs size as a PNG
 
-The synthetic source (random weights, real names and config.json) is built once and cached in
-benchmarks/.cache/ (gitignored). Every step runs as its own child process; os.wait4 gives its wall
-time, CPU time and peak RSS (ru_maxrss). Steps:
+Sources are synthetic bf16 llama folders (benchmarks/sources.py, cached in benchmarks/.cache/): TinyLlama-1.1B
+(22 and 11 layers) and Llama-7B-shaped with 2 and 4 layers (full-size tensors), or one small model with --quick.
+Per model, each step is its own child process (benchmarks/harness.py: wall, CPU and peak RSS from os.wait4,
+bytes read from /proc/<pid>/io), warm page cache:
 
-    cp -r           the source folder to a fresh folder on the same filesystem (the yardstick)
-    startup         `convert_weight.py --help`: interpreter + imports + model registry, no data
-    HF→MS bf16      convert_weight.py --model llama ... --output_path X.ckpt --dtype bf16   (pure byte moves)
-    HF→MS fp32      the same with --dtype fp32                                              (a cast)
-    MS→HF           convert_weight.py --reversed X.ckpt → HF folder                         (bf16, byte moves)
+    cp -r                the source folder (the yardstick)
+    HF→MS bf16 .ckpt     convert_weight.py --model llama --dtype bf16          (no dtype change: byte moves)
+    HF→MS fp16 / fp32    the same with --dtype fp16 / fp32 (a cast), main model only
+    MS→HF bf16 folder    --reversed of that bf16 .ckpt into an HF folder
+    MF HF→MS bf16        MindFormers' convert_pt_to_ms(..., dtype=bf16)        (benchmarks/run_mindformers.py,
+    MF MS→HF bf16 .bin   MindFormers' convert_ms_to_pt of our bf16 .ckpt       in benchmarks/.venv-mindformers)
 
-Page cache: all runs are warm-cache. The source is read once before timing (so cp does not pay a cold
-read the converter then gets for free), outputs are not fsync'ed by cp nor by us, and os.sync() runs
-(untimed) before every step so a previous step's dirty pages are not written back on the next one's clock.
-
-After timing, the outputs of the last run are checked tensor by tensor, independently of the
-converter's own mapping (a hand-written llama name table, the `safetensors` library for HF files):
-the bf16 .ckpt holds the source bytes, the fp32 .ckpt holds the source upcast, the MS→HF folder holds
-the source bytes again. A wrong output fails the run (exit 1); a missed target only with --strict.
+Once per run: start-up (`--help`, and MindFormers' import) and `--dry-run` on a 70B-shaped sharded input
+whose data are holes (headers only). Then our steps run once more with their input evicted from the page
+cache (posix_fadvise, those files only) for the bytes read from storage, and every output of every step,
+MindFormers' included, is checked tensor by tensor against the source (benchmarks/check_outputs.py).
+Without the MindFormers venv (`make bench-venv`) its rows are left out and said so.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import platform
 import shutil
 import statistics
 import subprocess
@@ -40,313 +39,323 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-# Nothing heavy (torch, mindformers_conv) is imported at the top: on Linux a child's ru_maxrss starts
-# from the RSS its parent had at fork, so this process stays small until every timed child has run.
+from harness import MIB, Run, evict, folder_bytes, load, own_rss, remove, run_child, warm
+from sources import CACHE, LLAMA70B, LLAMA7B_2L, LLAMA7B_4L, QUICK, REPO, TINYLLAMA, TINYLLAMA_HALF, Model, \
+    source_folder
 
-CACHE = REPO / "benchmarks" / ".cache"
-MIB = 1 << 20
-# Shapes as LlamaShape keyword arguments. Full: mindformers_conv.synthetic.TINYLLAMA_1B.
-# --quick: the TinyLlama vocabulary and head layout, narrower and 4 layers (~90 MB in bf16).
-FULL = "TINYLLAMA_1B"
-QUICK = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-             num_attention_heads=8, num_key_value_heads=4)
-WALL_FACTOR = 2.0  # HF→MS wall ≤ 2 × cp
-RSS_FACTOR, RSS_SLACK = 2, 300 * MIB  # peak RSS ≤ 2 × largest tensor + 300 MiB
+BENCH = REPO / "benchmarks"
+MF_PYTHON = BENCH / ".venv-mindformers" / "bin" / "python"
+CONVERT = [sys.executable, str(REPO / "convert_weight.py")]
 
-# HF llama name → MindFormers name, written out here so the check does not trust the converter's tables.
-MS_NAMES = [(r"model\.embed_tokens\.weight", "model.tok_embeddings.embedding_weight"),
-            (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", r"model.layers.\1.attention.w\2.weight"),
-            (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"model.layers.\1.feed_forward.w1.weight"),
-            (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"model.layers.\1.feed_forward.w2.weight"),
-            (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"model.layers.\1.feed_forward.w3.weight"),
-            (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"model.layers.\1.attention_norm.weight"),
-            (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"model.layers.\1.ffn_norm.weight"),
-            (r"model\.norm\.weight", "model.norm_out.weight"),
-            (r"lm_head\.weight", "lm_head.weight")]
-
-
-def ms_name(hf: str) -> str:
-    for pattern, repl in MS_NAMES:
-        if re.fullmatch(pattern, hf):
-            return re.sub(pattern, repl, hf)
-    raise KeyError(hf)
-
-
-# ---------------------------------------------------------------- source
-
-
-def source_folder(quick: bool) -> Path:
-    """The cached synthetic HF folder; built (in a child, under a temporary name, then renamed) when missing."""
-    shape = f"LlamaShape(**{QUICK!r})" if quick else FULL
-    name = "quick-" + "-".join(f"{v}" for v in QUICK.values()) if quick else "tinyllama-1.1b"
-    folder = CACHE / f"{name}-bf16-seed0"
-    if (folder / "config.json").is_file():
-        return folder
-    building = folder.with_name(folder.name + ".building")
-    shutil.rmtree(building, ignore_errors=True)
-    print(f"building the synthetic source once: {folder} ...", flush=True)
-    start = time.perf_counter()
-    code = ("import sys; from mindformers_conv.synthetic import LlamaShape, TINYLLAMA_1B, write_llama; "
-            f"write_llama(sys.argv[1], {shape}, dtype='BF16', seed=0)")
-    subprocess.run([sys.executable, "-c", code, str(building)], cwd=REPO, check=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    building.rename(folder)
-    print(f"  built in {time.perf_counter() - start:.1f} s", flush=True)
-    return folder
-
-
-def tensor_sizes(folder: Path) -> dict[str, int]:
-    """name → bytes, from the safetensors header (read here without the converter)."""
-    sizes = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()})
-    return sizes
-
-
-def warm(folder: Path) -> float:
-    """Read every file once so all steps start from the same (warm) page cache."""
-    start = time.perf_counter()
-    buf = bytearray(MIB)  # small and reused: this process's RSS is every child's ru_maxrss floor
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            with open(file, "rb", buffering=0) as f:
-                while f.readinto(buf):
-                    pass
-    return time.perf_counter() - start
-
-
-def load() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def own_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def folder_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
-# ---------------------------------------------------------------- steps
+WALL_SAME, WALL_CAST = 1.2, 1.5  # wall ≤ × cp of the same bytes: without / with a dtype change
+MF_SPEEDUP = 15  # MindFormers' wall ÷ ours, same direction and input
+RSS_FACTOR, RSS_SLACK = 2, 300 * MIB  # peak RSS ≤ 2 × largest tensor handled + 300 MiB
+READ_SLACK = 0.01, 32 * MIB  # bytes read ≤ source × 1.01 + 32 MiB, start-up's reads subtracted (a cast
+# imports torch: ≈ 21 MiB of .py files read); from storage with the input evicted: the same bound
+DRY_RUN_LIMIT = 2.0  # seconds, 70B-shaped sharded input
 
 
 @dataclass
 class Step:
     name: str
     argv: list[str]
-    output: Path | None
-    largest: int = 0  # largest tensor (source or output) this step handles, bytes
-    target_wall: bool = False  # held to WALL_FACTOR × cp
+    source: Path | None  # what it reads
+    output: Path | None = None
+    check: str | None = None  # check_outputs.py KIND:DTYPE of the output
+    largest: int = 0  # largest tensor (source or output) it handles, bytes
+    wall_factor: float | None = None  # target: wall ≤ this × cp of the same bytes
     ours: bool = True
-    runs: list[tuple[float, float, int]] = field(default_factory=list)  # (wall s, cpu s, maxrss bytes)
+    rival: str | None = None  # the MindFormers step doing the same work
+    repeat: bool = True  # MindFormers runs once whatever --repeat says
+    cwd: Path | None = None
+    runs: list[Run] = field(default_factory=list)
+    cold: Run | None = None  # our steps, input evicted from the page cache
 
     @property
     def wall(self) -> float:
-        return statistics.median(r[0] for r in self.runs)
+        return statistics.median(r.wall for r in self.runs)
 
     @property
     def cpu(self) -> float:
-        return statistics.median(r[1] for r in self.runs)
+        return statistics.median(r.cpu for r in self.runs)
 
     @property
     def rss(self) -> int:
-        return max(r[2] for r in self.runs)
+        return max(r.rss for r in self.runs)
+
+    @property
+    def rchar(self) -> int:
+        return max(r.rchar for r in self.runs)
+
+    def run(self, log_dir: Path) -> Run:
+        if self.output is not None:
+            remove(self.output)
+        os.sync()  # untimed: the previous step's dirty pages are not this step's cost
+        tag = self.name.replace(" ", "_").replace("/", "_")
+        return run_child(self.argv, log_dir / f"{tag}-{len(self.runs)}.log", self.cwd)
 
 
-def run_child(argv: list[str], log: Path) -> tuple[float, float, int]:
-    """Run one child; wall time, user+sys CPU and peak RSS from os.wait4. Fails loudly on a non-zero exit."""
-    with open(log, "wb") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    proc.returncode = code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        sys.exit(f"error: {' '.join(argv)} exited {code}:\n{log.read_text()[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+# ---------------------------------------------------------------- steps
 
 
-def make_steps(src: Path, work: Path, largest_bf16: int) -> list[Step]:
-    conv = [sys.executable, str(REPO / "convert_weight.py")]
-    ckpt16, ckpt32, hf_back = work / "llama_bf16.ckpt", work / "llama_fp32.ckpt", work / "hf_back"
-    fwd = conv + ["--model", "llama", "--input_path", str(src), "--no-progress"]
-    return [
-        Step("cp -r", ["cp", "-r", str(src), str(work / "cp_copy")], work / "cp_copy", largest_bf16, ours=False),
-        Step("startup (--help)", conv + ["--help"], None, 0),
-        Step("HF→MS bf16 .ckpt", fwd + ["--output_path", str(ckpt16), "--dtype", "bf16"], ckpt16, largest_bf16,
-             target_wall=True),
-        Step("HF→MS fp32 .ckpt", fwd + ["--output_path", str(ckpt32), "--dtype", "fp32"], ckpt32, 2 * largest_bf16,
-             target_wall=True),
-        # reads the bf16 .ckpt of the same run, so it runs after it
-        Step("MS→HF bf16 folder", conv + ["--model", "llama", "--reversed", "--input_path", str(ckpt16),
-                                          "--output_path", str(hf_back) + "/", "--config_path", str(src),
-                                          "--no-progress"], hf_back, largest_bf16),
-    ]
+def model_steps(src: Path, work: Path, largest: int, main: bool, mindformers: bool) -> list[Step]:
+    fwd = CONVERT + ["--model", "llama", "--input_path", str(src), "--no-progress"]
+    ckpt16, back = work / "llama_bf16.ckpt", work / "hf_back"
+    steps = [Step("cp -r", ["cp", "-r", str(src), str(work / "cp_copy")], src, work / "cp_copy", "hf:bf16",
+                  largest, ours=False),
+             Step("HF→MS bf16 .ckpt", fwd + ["--output_path", str(ckpt16), "--dtype", "bf16"], src, ckpt16,
+                  "ckpt:bf16", largest, WALL_SAME, rival="MF HF→MS bf16")]
+    if main:
+        for dtype, factor in (("fp16", 1), ("fp32", 2)):
+            out = work / f"llama_{dtype}.ckpt"
+            steps.append(Step(f"HF→MS {dtype} .ckpt", fwd + ["--output_path", str(out), "--dtype", dtype], src, out,
+                              f"ckpt:{dtype}", factor * largest, WALL_CAST))
+    steps.append(Step("MS→HF bf16 folder", CONVERT + ["--model", "llama", "--reversed", "--input_path", str(ckpt16),
+                                                      "--output_path", f"{back}/", "--config_path", str(src),
+                                                      "--no-progress"],
+                      ckpt16, back, "hf:bf16", largest, WALL_SAME, rival="MF MS→HF bf16 .bin"))
+    if mindformers:
+        mf = [str(MF_PYTHON), str(BENCH / "run_mindformers.py")]
+        mf_ckpt, mf_bin = work / "mf_bf16.ckpt", work / "mf_back.bin"
+        steps += [Step("MF HF→MS bf16", mf + ["forward", f"{src}/", str(mf_ckpt), "--dtype", "bf16"], src, mf_ckpt,
+                       "ckpt:bf16", largest, ours=False, repeat=False, cwd=work),
+                  Step("MF MS→HF bf16 .bin", mf + ["reverse", str(ckpt16), str(mf_bin), "--dtype", "bf16"], ckpt16,
+                       mf_bin, "bin:bf16", largest, ours=False, repeat=False, cwd=work)]
+    return steps
 
 
-# ---------------------------------------------------------------- correctness
+def once_steps(work: Path, mindformers: bool) -> list[Step]:
+    """Start-up costs (MindFormers' when `mindformers`) and the 70B-shaped --dry-run (headers only)."""
+    big = source_folder(LLAMA70B)
+    steps = [Step("startup (--help)", CONVERT + ["--help"], None),
+             Step("dry-run 70B (sparse)", CONVERT + ["--model", "llama", "--input_path", str(big), "--output_path",
+                                                     str(work / "llama70b.ckpt"), "--dtype", "bf16", "--dry-run"],
+                  big)]
+    if mindformers:
+        steps.append(Step("MF startup (import)", [str(MF_PYTHON), str(BENCH / "run_mindformers.py"), "--check"],
+                          None, ours=False, cwd=work))
+    return steps
 
 
-def check_outputs(src: Path, steps: list[Step]) -> list[str]:
-    """Independent tensor-by-tensor check of the last run's outputs; returns the problems found."""
-    import torch
-    from safetensors import safe_open
+# ---------------------------------------------------------------- one model
 
-    from mindformers_conv.formats.ms_ckpt import read_index
 
-    problems = []
-    out = {s.name: s.output for s in steps}
-    copy = out["cp -r"]
-    if folder_bytes(copy) != folder_bytes(src):
-        problems.append("cp -r: the copy's size differs from the source")
-    files = sorted(src.glob("*.safetensors"))
-    ckpts = {"bf16": read_index(out["HF→MS bf16 .ckpt"]), "fp32": read_index(out["HF→MS fp32 .ckpt"])}
-    back_files = sorted(out["MS→HF bf16 folder"].glob("*.safetensors"))
-    back = {}
-    for file in back_files:
-        with safe_open(file, "pt") as f:
-            back.update({k: file for k in f.keys()})
-    seen = 0
-    for file in files:
-        with safe_open(file, "pt") as f:
-            for name in f.keys():
-                seen += 1
-                original = f.get_tensor(name)
-                for label, refs in ckpts.items():
-                    ref = refs.get(ms_name(name))
-                    if ref is None:
-                        problems.append(f"{label} .ckpt: {ms_name(name)} missing")
-                        continue
-                    want = original if label == "bf16" else original.float()
-                    got = ref.read()
-                    if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape) or \
-                            not torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)):
-                        problems.append(f"{label} .ckpt: {ms_name(name)} differs from the source")
-                if name not in back:
-                    problems.append(f"MS→HF: {name} missing")
-                    continue
-                with safe_open(back[name], "pt") as b:
-                    got = b.get_tensor(name)
-                if got.dtype != original.dtype or not torch.equal(got.view(torch.uint8), original.view(torch.uint8)):
-                    problems.append(f"MS→HF: {name} differs from the source")
-    for label, refs in ckpts.items():
-        if len(refs) != seen:
-            problems.append(f"{label} .ckpt: {len(refs)} tensors, the source has {seen}")
-    if len(back) != seen:
-        problems.append(f"MS→HF: {len(back)} tensors, the source has {seen}")
-    return problems
+@dataclass
+class ModelResult:
+    model: Model
+    src: Path
+    source_bytes: int
+    tensors: int
+    largest: int
+    steps: list[Step]
+    problems: list[str]
+
+
+def tensor_sizes(folder: Path) -> dict[str, int]:
+    """name → bytes, from the safetensors headers (read here without the converter)."""
+    sizes = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header.pop("__metadata__", None)
+        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()})
+    return sizes
+
+
+def bench_model(model: Model, main: bool, args, work: Path) -> ModelResult:
+    src = source_folder(model)
+    sizes = tensor_sizes(src)
+    largest = max(sizes.values())
+    steps = model_steps(src, work, largest, main, args.mindformers)
+    print(f"\n{model.label}: {len(sizes)} tensors, {folder_bytes(src) / MIB:,.1f} MiB; warm-up read "
+          f"{warm(src):.2f} s; load average {load()}", flush=True)
+    for rep in range(args.repeat):
+        for s in steps:
+            if s.repeat or rep == 0:
+                s.runs.append(s.run(work))
+                r = s.runs[-1]
+                print(f"  run {rep + 1}/{args.repeat}  {s.name:<22} {r.wall:7.2f} s  cpu {r.cpu:6.2f} s  "
+                      f"rss {r.rss / MIB:7.1f} MiB  read {r.rchar / MIB:8.1f} MiB", flush=True)
+    for s in steps:
+        if s.ours:
+            evict(s.source)
+            s.cold = s.run(work)
+    print(f"  load average after: {load()}", flush=True)
+    problems = [] if args.no_check else check(src, steps)
+    return ModelResult(model, src, folder_bytes(src), len(sizes), largest, steps, problems)
+
+
+def check(src: Path, steps: list[Step]) -> list[str]:
+    start = time.perf_counter()
+    specs = [f"{s.check}:{s.output}" for s in steps if s.check]
+    proc = subprocess.run([sys.executable, str(BENCH / "check_outputs.py"), str(src), *specs], cwd=REPO,
+                          capture_output=True, text=True)
+    problems = proc.stdout.splitlines() + ([proc.stderr.strip()[-2000:]] if proc.returncode not in (0, 1) else [])
+    verdict = "WRONG OUTPUT" if problems or proc.returncode else "OK, every tensor of every output matches the source"
+    print(f"  output check of {len(specs)} outputs ({time.perf_counter() - start:.1f} s): {verdict}", flush=True)
+    return problems or ([f"check_outputs exited {proc.returncode}"] if proc.returncode else [])
 
 
 # ---------------------------------------------------------------- report
 
 
-def report(steps: list[Step], model_bytes: int, largest: int, repeat: int, quick: bool) -> tuple[list[str], list[str]]:
-    cp = steps[0].wall
-    cp_rate = folder_bytes(steps[0].output) / cp if steps[0].output.exists() else 0
-    lines = [f"model: {model_bytes / MIB:,.1f} MiB ({model_bytes:,} B) bf16, largest tensor "
-             f"{largest / MIB:,.1f} MiB ({largest:,} B); median of {repeat} run(s); warm page cache", ""]
-    head = (f"{'step':<20} {'wall s':>8} {'cpu s':>7} {'out MiB':>8} {'GiB/s':>6} {'peak RSS MiB':>13} {'× cp':>6} "
-            f"{'×cp/B':>6}   targets")
-    lines += [head, "-" * (len(head) + 48)]
-    misses = []
-    for s in steps:
-        written = folder_bytes(s.output) if s.output is not None and s.output.exists() else 0
-        rate = f"{written / s.wall / (1 << 30):6.2f}" if written else f"{'':6}"
-        per_byte = f"{cp_rate / (written / s.wall):6.2f}" if written and cp_rate else f"{'':6}"
-        out_mib = f"{written / MIB:8.0f}" if written else f"{'':8}"
+@dataclass
+class Row:
+    figures: dict
+    targets: list[tuple[str, bool]]
+
+    def text(self) -> str:
+        f = self.figures
+        cells = [f"{f['step']:<22}", f"{f['wall_s']:8.2f}", f"{f['cpu_s']:7.2f}", f"{f['peak_rss_bytes'] / MIB:9.0f}",
+                 _cell(f.get("read_per_source"), 7), _cell(f.get("cold_read_per_source"), 7),
+                 _cell(f.get("ratio_to_cp"), 6), _cell(f.get("ratio_to_cp_per_byte"), 6),
+                 _cell(f.get("mindformers_over_ours"), 6, ".1f")]
+        marks = "; ".join(f"{label} {'pass' if ok else 'FAIL'}" for label, ok in self.targets)
+        return " ".join(cells) + (f"   {marks}" if marks else "")
+
+
+HEAD = (f"{'step':<22} {'wall s':>8} {'cpu s':>7} {'RSS MiB':>9} {'read÷src':>7} {'cold÷src':>7} {'×cp':>6} "
+        f"{'×cp/B':>6} {'MF÷us':>6}   targets")
+
+
+def _cell(value, width: int, fmt: str = ".2f") -> str:
+    return f"{value:{width}{fmt}}" if value is not None else " " * width
+
+
+def model_rows(res: ModelResult, startup: Run | None) -> list[Row]:
+    by_name = {s.name: s for s in res.steps}
+    cp = by_name["cp -r"]
+    cp_rate = res.source_bytes / cp.wall
+    base = startup.rchar if startup else 0
+    rows = []
+    for s in res.steps:
+        written = folder_bytes(s.output) if s.output is not None else 0
+        read_src = folder_bytes(s.source)
+        f = {"model": res.model.label, "model_bytes": res.source_bytes, "largest_tensor": res.largest,
+             "step": s.name, "ours": s.ours, "wall_s": s.wall, "cpu_s": s.cpu, "peak_rss_bytes": s.rss,
+             "rchar": s.rchar, "read_per_source": max(s.rchar - (base if s.ours else 0), 0) / read_src,
+             "written_bytes": written, "ratio_to_cp": s.wall / cp.wall,
+             "ratio_to_cp_per_byte": s.wall / (max(written, read_src) / cp_rate), "runs": [r.__dict__ for r in s.runs]}
         targets = []
-        if s.target_wall:
-            ok = s.wall <= WALL_FACTOR * cp
-            targets.append(f"wall ≤ {WALL_FACTOR:g}×cp {'pass' if ok else 'FAIL'}")
-            if not ok:
-                misses.append(s.name)
-        if s.ours and s.largest:
+        if s.cold is not None:
+            f["cold_read_bytes"] = s.cold.read_bytes
+            f["cold_read_per_source"] = s.cold.read_bytes / read_src
+            f["cold"] = s.cold.__dict__
+            limit = read_src * (1 + READ_SLACK[0]) + READ_SLACK[1]
+            targets.append(("read once", max(s.rchar - base, s.cold.read_bytes) <= limit))
+        if s.wall_factor:
+            targets.append((f"≤{s.wall_factor:g}×cp/B", f["ratio_to_cp_per_byte"] <= s.wall_factor))
+        if s.ours:
             limit = RSS_FACTOR * s.largest + RSS_SLACK
-            ok = s.rss <= limit
-            targets.append(f"RSS ≤ {RSS_FACTOR}×{s.largest / MIB:.0f}+300 = {limit / MIB:.0f} MiB "
-                           f"{'pass' if ok else 'FAIL'}")
-            if not ok:
-                misses.append(s.name)
-        lines.append(f"{s.name:<20} {s.wall:8.2f} {s.cpu:7.2f} {out_mib} {rate} {s.rss / MIB:13.1f} {s.wall / cp:6.2f} "
-                     f"{per_byte}   " + "; ".join(targets))
-    lines += ["", "× cp: wall time over cp's; ×cp/B: the same per byte written (the fp32 output is twice the bytes).",
-              "Every converter row includes the fixed start-up cost of the `startup (--help)` row; cp's RSS is",
-              "this process's own (the floor ru_maxrss inherits at fork)."]
-    if quick:
-        lines += ["", "(--quick: the model is small, so fixed start-up cost dominates; the wall target is "
-                      "meaningful only at full size)"]
-    return lines, misses
+            targets.append((f"RSS≤{limit / MIB:.0f}", s.rss <= limit))
+        if s.rival in by_name:
+            f["mindformers_over_ours"] = by_name[s.rival].wall / s.wall
+            targets.append((f"≥{MF_SPEEDUP}×MF", f["mindformers_over_ours"] >= MF_SPEEDUP))
+        rows.append(Row(f, targets))
+    return rows
+
+
+def once_rows(steps: list[Step]) -> list[Row]:
+    rows = []
+    for s in steps:
+        f = {"model": "-", "step": s.name, "ours": s.ours, "wall_s": s.wall, "cpu_s": s.cpu,
+             "peak_rss_bytes": s.rss, "rchar": s.rchar, "runs": [r.__dict__ for r in s.runs]}
+        targets = []
+        if s.name.startswith("dry-run"):
+            f["model_bytes"] = folder_bytes(s.source)
+            f["read_per_source"] = s.rchar / f["model_bytes"]
+            targets.append((f"<{DRY_RUN_LIMIT:g} s", s.wall < DRY_RUN_LIMIT))
+        rows.append(Row(f, targets))
+    return rows
+
+
+def report(once: list[Row], models: list[tuple[ModelResult, list[Row]]], repeat: int) -> list[str]:
+    lines = [f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {machine()}; median of {repeat} run(s) "
+             f"(MindFormers: 1); warm page cache", "", HEAD, "-" * (len(HEAD) + 40)]
+    lines += [r.text() for r in once]
+    for res, rows in models:
+        lines += ["", f"{res.model.label}: {res.source_bytes / MIB:,.0f} MiB bf16, {res.tensors} tensors, largest "
+                      f"{res.largest / MIB:,.0f} MiB"]
+        lines += [r.text() for r in rows]
+    lines += ["",
+              "read÷src: bytes the process read (rchar: read/pread/copy_file_range; mmap not counted) over the",
+              "  bytes of its input, start-up's reads subtracted for ours; cold÷src: bytes read from storage",
+              "  (mmap included) in an extra run with the input evicted from the page cache. MindFormers loads",
+              "  safetensors through mmap, so its read÷src undercounts.",
+              "×cp: wall over cp's; ×cp/B: over the time cp takes for as many bytes as the step reads or writes",
+              "  (the fp32 output is twice the source). MF÷us: MindFormers' wall over ours, same input and direction.",
+              "RSS: peak (ru_maxrss) of the child; targets: 2 × the largest tensor handled + 300 MiB."]
+    return lines
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    return f"{os.cpu_count()} cores {cpu}, {mem / (1 << 30):.0f} GiB RAM, Linux {platform.release()}"
+
+
+# ---------------------------------------------------------------- main
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small 4-layer shape (~90 MB) for a CI smoke run")
-    p.add_argument("--repeat", type=int, default=1, metavar="N", help="run every step N times, report the median")
-    p.add_argument("--keep", action="store_true", help="keep the last run's outputs (benchmarks/.cache/run-*)")
+    p.add_argument("--quick", action="store_true", help="one small model, under a minute (CI smoke)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help="our steps and cp N times, median")
+    p.add_argument("--no-mindformers", dest="mindformers", action="store_false",
+                   help="leave MindFormers' converter out (it is left out anyway when its venv is missing)")
+    p.add_argument("--keep", action="store_true", help="keep the outputs (benchmarks/.cache/run-*)")
     p.add_argument("--no-check", action="store_true", help="skip the tensor-by-tensor check of the outputs")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed too")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--plot", metavar="PNG", help="time and peak RSS against model size (matplotlib, from the "
+                                                  "MindFormers venv; implies a JSON file beside it)")
     args = p.parse_args()
     if args.repeat < 1:
         p.error("--repeat must be ≥ 1")
+    if args.mindformers and not MF_PYTHON.exists():
+        print(f"MindFormers is left out: no {MF_PYTHON} (make bench-venv sets it up)")
+        args.mindformers = False
 
-    src = source_folder(args.quick)
-    sizes = tensor_sizes(src)
-    model_bytes, largest = sum(sizes.values()), max(sizes.values())
+    models = [QUICK] if args.quick else [TINYLLAMA, TINYLLAMA_HALF, LLAMA7B_2L, LLAMA7B_4L]
     work = CACHE / f"run-{os.getpid()}"
     work.mkdir(parents=True)
-    steps = make_steps(src, work, largest)
     try:
-        print(f"source: {src} ({len(sizes)} tensors, {model_bytes / MIB:,.1f} MiB)", flush=True)
-        print(f"warm-up read of the source: {warm(src):.2f} s; load average {load()}; "
-              f"this process's RSS {own_rss() / MIB:.0f} MiB (the floor of every child's peak RSS)", flush=True)
-        for rep in range(args.repeat):
-            for s in steps:
-                if s.output is not None:
-                    remove(s.output)
-                os.sync()  # untimed: the previous step's dirty pages are not this step's cost
-                s.runs.append(run_child(s.argv, work / f"{len(s.runs)}-{s.name.split()[0]}.log"))
-                wall, cpu, rss = s.runs[-1]
-                print(f"  run {rep + 1}/{args.repeat}  {s.name:<20} {wall:7.2f} s  cpu {cpu:6.2f} s  "
-                      f"rss {rss / MIB:7.1f} MiB", flush=True)
-        os.sync()
-        print(f"load average after: {load()}")
-        lines, misses = report(steps, model_bytes, largest, args.repeat, args.quick)
-        print()
-        print("\n".join(lines))
-        problems = []
-        if not args.no_check:
-            start = time.perf_counter()
-            problems = check_outputs(src, steps)
-            verdict = "OK, every tensor of every output matches the source" if not problems else "WRONG OUTPUT"
-            print(f"\noutput check ({time.perf_counter() - start:.1f} s): {verdict}")
-            for line in problems[:20]:
-                print(f"  {line}")
-        if args.json:
-            Path(args.json).write_text(json.dumps({
-                "quick": args.quick, "repeat": args.repeat, "model_bytes": model_bytes, "largest_tensor": largest,
-                "steps": [{"step": s.name, "wall_s": s.wall, "cpu_s": s.cpu, "peak_rss_bytes": s.rss,
-                           "ratio_to_cp": s.wall / steps[0].wall, "runs": s.runs} for s in steps],
-                "targets_missed": misses, "output_problems": problems}, indent=2))
+        print(f"load average {load()}; this process's RSS {own_rss() / MIB:.0f} MiB "
+              f"(the floor of every child's peak RSS)", flush=True)
+        once = once_steps(work, args.mindformers and not args.quick)
+        for s in once:
+            for _ in range(args.repeat):
+                s.runs.append(s.run(work))
+        startup = once[0].runs[0]
+        results = []
+        for model in models:
+            model_work = work / model.label
+            model_work.mkdir()
+            res = bench_model(model, model is models[0], args, model_work)
+            results.append((res, model_rows(res, startup)))
+            if not args.keep:
+                shutil.rmtree(model_work, ignore_errors=True)
+        rows = once_rows(once)
+        lines = report(rows, results, args.repeat)
+        print("\n" + "\n".join(lines))
+        problems = [f"{res.model.label}: {line}" for res, _ in results for line in res.problems]
+        misses = [f"{r.figures['model']} {r.figures['step']}: {label}" for r in rows + [r for _, rs in results
+                  for r in rs] for label, ok in r.targets if not ok]
+        print(f"\ntargets missed: {len(misses)}" + "".join(f"\n  {m}" for m in misses))
+        for line in problems:
+            print(f"WRONG OUTPUT {line}")
+        json_path = args.json or (str(Path(args.plot).with_suffix(".json")) if args.plot else None)
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps({
+                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "quick": args.quick,
+                "repeat": args.repeat, "rows": [r.figures for r in rows] + [r.figures for _, rs in results for r in rs],
+                "targets_missed": misses, "output_problems": problems, "table": lines}, indent=1))
+            print(f"figures: {json_path}")
+        if args.plot:
+            plot(json_path, args.plot)
         if problems:
             return 1
         return 1 if args.strict and misses else 0
@@ -355,6 +364,14 @@ def main() -> int:
             print(f"\noutputs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def plot(json_path: str, png: str) -> None:
+    if not MF_PYTHON.exists():
+        print(f"no plot: matplotlib lives in {MF_PYTHON.parent.parent} (make bench-venv)")
+        return
+    subprocess.run([str(MF_PYTHON), str(BENCH / "plot.py"), json_path, png], check=True)
+    print(f"plot: {png}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ for byte with the source by the `safetensors` library. Peak RSS must stay under 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -22,16 +23,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import CACHE, MIB, QUICK, RSS_FACTOR, RSS_SLACK, folder_bytes, run_child, source_folder, \
-    tensor_sizes, warm  # noqa: E402
-
-from mindformers_conv.synthetic import TINYLLAMA_1B  # noqa: E402
+from bench_convert import RSS_FACTOR, RSS_SLACK, tensor_sizes  # noqa: E402
+from harness import MIB, folder_bytes, run_child, warm  # noqa: E402
+from sources import CACHE, QUICK, TINYLLAMA, source_folder  # noqa: E402
 
 
 def steps(src: Path, work: Path) -> list[tuple[str, list[str], Path]]:
     conv = [sys.executable, str(REPO / "convert_weight.py"), "--model", "llama", "--no-progress"]
     mg, back, flat = work / "megatron_tp2_pp2", work / "hf_back", work / "megatron_tp1"
-    half = str(TINYLLAMA_1B.num_hidden_layers // 2) if "1b" in src.name else str(QUICK["num_hidden_layers"] // 2)
+    half = str(json.loads((src / "config.json").read_text())["num_hidden_layers"] // 2)
     return [
         ("cp -r", ["cp", "-r", str(src), str(work / "cp_copy")], work / "cp_copy"),
         ("HF→Megatron TP2 PP2", conv + ["--input_path", str(src), "--output_path", str(mg), "--target", "megatron",
@@ -68,7 +68,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shape (smoke run)")
     args = parser.parse_args()
-    src = source_folder(args.quick)
+    src = source_folder(QUICK if args.quick else TINYLLAMA)
     largest = max(tensor_sizes(src).values())
     work = CACHE / "megatron-work"
     shutil.rmtree(work, ignore_errors=True)
@@ -81,7 +81,8 @@ def main() -> int:
     bound = RSS_FACTOR * largest + RSS_SLACK
     for name, argv, out in steps(src, work):
         os.sync()
-        wall, cpu, rss = run_child(argv, work / f"{name.split()[0]}.log")
+        run = run_child(argv, work / f"{name.split()[0]}.log")
+        wall, cpu, rss = run.wall, run.cpu, run.rss
         size = folder_bytes(out)
         print(f"{name:<22} {wall:8.2f} {cpu:8.2f} {rss / MIB:13.0f} {model / MIB / wall:8.0f} {size / MIB:11.0f}")
         if name != "cp -r" and rss > bound:

@@ -38,11 +38,12 @@ def _flag(parser: argparse.ArgumentParser, name: str, help: str, default: bool |
 
 def build_parser() -> argparse.ArgumentParser:
     models = registry.load_models()
-    keys = "\n".join(f"  {k:<14} {m.description}" for k, m in sorted(models.items()))
+    width = max(map(len, models)) + 1  # two spaces at least between a key and its description
+    keys = "\n".join(f"  {k:<{width}} {m.description}" for k, m in sorted(models.items()))
     p = _Parser(prog="convert_weight.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Convert weights between HuggingFace and MindSpore Transformers, both directions, "
                             "bit-exactly and streaming.",
-                epilog=f"model keys:\n{keys}\n  {'auto':<14} detect from config.json or the tensor names")
+                epilog=f"model keys:\n{keys}\n  {'auto':<{width}} detect from config.json or the tensor names")
     p.add_argument("--model", required=True, metavar="KEY", help="model key (see below) or auto")
     p.add_argument("--input_path", required=True, help="HF folder (or a file in it), or a MindSpore .ckpt/.safetensors")
     p.add_argument("--output_path", required=True,
@@ -50,13 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast floating tensors (default: as MindFormers)")
     _flag(p, "--reversed", "MindSpore → HF instead of HF → MindSpore")
     p.add_argument("--config_path", help="config.json (or its folder) when it is not beside the input")
+    p.add_argument("--strategy", metavar="PATH", help="strategy file or folder of a distributed (rank_*/) MindSpore "
+                                                      "input (default: the strategy/ folder inside or beside it)")
     p.add_argument("--n_head", type=int, help="attention heads, where config.json does not tell")
     p.add_argument("--hidden_size", type=int, help="hidden size, where config.json does not tell")
     p.add_argument("--layers", type=int, help="number of layers, where config.json does not tell")
     _flag(p, "--is_pretrain", "Swin: the checkpoint is a pre-training (SimMIM) one", None)
     p.add_argument("--telechat_type", help="TeleChat variant, e.g. telechat_12b")
     _flag(p, "--qkv_concat", "write fused q/k/v (and gate/up) where the model supports it", None)
+    _flag(p, "--is_lora", "a PEFT adapter ↔ MindFormers' plain `lora_a/lora_b` names; its adapter_config.json is "
+                          "written beside the output with MindFormers' module names", None)
     _flag(p, "--use_gmm", "MoE experts in the grouped-matmul layout [E, in, out]", None)
+    _flag(p, "--use_contiguous_weight_layout_attention", "mcore keys: linear_qkv as [q; k; v] instead of grouped "
+          "per KV head (default: config.json, else false)", None)
+    _flag(p, "--use_interleaved_weight_layout_mlp", "mcore keys: linear_fc1 rows alternate gate/up instead of "
+          "[gate; up] (default: config.json, else true)", None)
     p.add_argument("--qkv_layout", choices=("grouped", "contiguous"),
                    help="fused q/k/v and gate/up: grouped per KV head and row-interleaved (MindFormers ≥ 1.4, "
                         "default) or v1.3's contiguous [q; k; v] and [gate; up]")
@@ -73,15 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard in folder outputs (5GB)")
     m = p.add_argument_group("Megatron layout (MindSpeed-MM names; a Megatron --input_path is read as is, "
                              "its layout discovered from the files)")
-    m.add_argument("--target", choices=("megatron", "dcp"),
-                   help="write a Megatron checkpoint (from HF, or reshard one), or the model as one torch DCP folder")
+    m.add_argument("--target", choices=("megatron", "dcp", "checkpoint2"),
+                   help="write a Megatron checkpoint (from HF, or reshard one), the model as one torch DCP folder, "
+                        "or a MindFormers 2.x checkpoint 2.0 folder (iteration from --iteration, default 0)")
     m.add_argument("--tp", type=int, help="tensor-parallel size (default 1, or the input's)")
     m.add_argument("--ep", type=int, help="expert-parallel size (default 1, or the input's)")
-    for name, what in (("llm", "language model"), ("vit", "vision tower")):
+    for name, what in (("llm", "language model"), ("vit", "vision tower"), ("audio", "audio tower")):
         m.add_argument(f"--{name}_pp_layers", metavar="LIST",
-                       help=f"{what} layers per PP stage, e.g. 1,3, or per VPP chunk [[1,2],[2,1]]")
+                       help=f"{what} layers per PP stage, e.g. 1,3, or per VPP chunk [[1,2],[2,1]]"
+                            + ("" if name == "llm" else "; fewer stages than the LLM repeat over its stages"))
+    for name in ("vit", "audio"):
+        m.add_argument(f"--{name}_tp", type=int, metavar="N", help=f"TP size of the {name} tower (0 or absent: --tp)")
+    _flag(m, "--save_vit_only", "write the vision tower and its projector only", default=None)
+    _flag(m, "--save_lora_only", "write the LoRA tensors only (….lora_A/B.default.weight)", default=None)
+    m.add_argument("--llm_hf_dir", metavar="DIR", help="take the language model's weights from this HF checkpoint")
     m.add_argument("--vpp", type=int, help="virtual pipeline chunks (checked against the per-chunk layer lists)")
-    m.add_argument("--iteration", type=int, help="write iter_XXXXXXX instead of release")
+    m.add_argument("--iteration", type=int, help="write iter_XXXXXXX instead of release (checkpoint2: "
+                                                 "iteration_XXXXXXXX, default 0)")
     m.add_argument("--make_vocab_size_divisible_by", type=int,
                    help="pad the vocab to a multiple of N × TP (default: of TP)")
     return p
@@ -116,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
                       max_shard_bytes=parse_size(args.max_shard_size), config_path=args.config_path, flags=flags,
                       merge_lora=args.merge_lora, lora_alpha=args.lora_alpha, jobs=args.jobs)
     options.target, options.parallel = args.target, {k: getattr(args, k) for k in MEGATRON_FLAGS}
+    options.strategy = args.strategy
     spec = megatron_spec(args.model, args.target, args.input_path, args.config_path, flags)
     if spec is None:
         spec = None if args.model == "auto" else registry.get(args.model)
@@ -125,9 +143,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_FLAGS = ("n_head", "hidden_size", "layers", "telechat_type", "modal", "is_pretrain", "qkv_concat", "qkv_layout",
-               "use_gmm")
-MEGATRON_FLAGS = ("tp", "ep", "vpp", "llm_pp_layers", "vit_pp_layers", "iteration", "make_vocab_size_divisible_by")
+MODEL_FLAGS = ("n_head", "hidden_size", "layers", "telechat_type", "modal", "is_pretrain", "qkv_concat", "is_lora", "qkv_layout",
+               "use_gmm", "use_contiguous_weight_layout_attention", "use_interleaved_weight_layout_mlp")
+MEGATRON_FLAGS = ("tp", "ep", "vpp", "llm_pp_layers", "vit_pp_layers", "iteration", "make_vocab_size_divisible_by",
+                  "audio_pp_layers", "vit_tp", "audio_tp", "save_vit_only", "save_lora_only", "llm_hf_dir")
 
 
 def _inspect(argv: list[str]) -> int:
@@ -172,7 +191,27 @@ def _diff(argv: list[str]) -> int:
     return 0 if result.equal else 1
 
 
-TOOLS = {"inspect": _inspect, "diff": _diff}
+def _split(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from .formats import ms_distributed, strategy
+    from .formats.inputs import open_input
+
+    p = _Parser(prog="mindformers-conv split", description="Cut a whole MindSpore checkpoint into rank_*/ files "
+                "by a strategy (the layout MindFormers 1.x trains from and saves).")
+    p.add_argument("path", help="a whole MindSpore .ckpt / safetensors file or folder")
+    p.add_argument("--strategy", required=True, metavar="PATH", help="strategy file or folder (every stage)")
+    p.add_argument("--output_path", required=True, help="folder for rank_{r}/checkpoint_{r}.{ckpt|safetensors}")
+    p.add_argument("--format", choices=("ckpt", "safetensors"), default="ckpt")
+    args = p.parse_args(argv)
+    source = open_input(args.path)
+    plan = strategy.read_strategy(Path(args.strategy))
+    paths = ms_distributed.write_distributed(source.refs, plan, Path(args.output_path), args.format)
+    print(f"split {len(source.refs)} tensors into {len(paths)} rank files under {args.output_path}")
+    return 0
+
+
+TOOLS = {"inspect": _inspect, "diff": _diff, "split": _split}
 
 
 def _report(result: Result, seconds: float, options: Options) -> None:
@@ -199,6 +238,8 @@ def _report(result: Result, seconds: float, options: Options) -> None:
         print(f"  left out {len(plan.unmapped)} unmapped (--allow-unmapped): {_sample(plan.unmapped)}")
     if result.verified is not None:
         print(f"  verified: {result.verified} tensors convert back byte-identical")
+    if result.share:
+        print(f"  {result.share}")
 
 
 def _sample(names: list[str]) -> str:

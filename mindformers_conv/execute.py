@@ -9,12 +9,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import dtypes
+from .distributed import Team
 from .errors import OutputError
 from .formats.ms_ckpt import SLICE_BYTES
 from .formats.outputs import CARRIED_FILES, Layout
 from .outfile import OutputFile
 from .plan import Plan, Planned
-from .tensor_ref import ByteSource, MemoryBytes
+from .tensor_ref import ByteSource, MemoryBytes, cast_source, numel
 from .lazy import torch
 
 
@@ -26,61 +28,84 @@ class GroupOutputs:
 
     def bytes_of(self, planned: Planned) -> ByteSource:
         group = planned.group
-        if group.zero_copy:
-            return group.sources[planned.index].source()
+        if group.rule.op.zero_copy:  # a rename: file to file, or cast on the way
+            ref = group.sources[planned.index]
+            return cast_source(ref.source(), ref.dtype, planned.dtype)
         key = id(group)
         if key not in self._live:
-            self._live[key] = [group.compute(), len(group.targets)]
+            self._live[key] = [group.compute_uncast(), len(group.targets)]
         entry = self._live[key]
         tensor: torch.Tensor = entry[0][planned.index]
         entry[1] -= 1
         if entry[1] == 0:
             del self._live[key]
-        return MemoryBytes.of(tensor)
+        return cast_source(MemoryBytes.of(tensor), dtypes.from_torch(tensor.dtype), planned.dtype)
 
 
 def execute(plan: Plan, layout: Layout, *, progress: bool = True, carry_from: Path | None = None,
-            ckpt_slice_bytes: int = SLICE_BYTES, jobs: int = 1) -> None:
+            ckpt_slice_bytes: int = SLICE_BYTES, jobs: int = 1, team: Team | None = None) -> list[Path]:
     """Write every file of the layout under temporary names, then rename them; index files last.
 
     `jobs` > 1 writes the weight files in that many forked worker processes, one whole file each at a
-    time; the temporary files, the renames and the clean-up stay with this process.
+    time; the temporary files, the renames and the clean-up stay with this process. `team`: torchrun's
+    ranks, each writing its share of the weight files; renamed once every rank wrote its share, the index
+    files (rank 0) once every rank renamed its own; a failure anywhere removes them all. Returns the
+    weight files this process wrote.
     """
-    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+    team = team or Team()
+    sizes = [sum(numel(shape) * dtype.itemsize for _, dtype, shape in spec.entries) for spec in layout.files]
+    mine = team.share(sizes)
+    bar = tqdm(total=sum(sizes[i] for i in mine), unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                disable=not progress, desc="converting", leave=False)
+    outs: dict[int, OutputFile] = {}
     written: list[OutputFile] = []
-    try:
-        outs = [OutputFile(spec.path, bar.update) for spec in layout.files]
-        written += outs
+    committed: list[OutputFile] = []
+
+    def write_share() -> None:
+        for index in mine:
+            outs[index] = OutputFile(layout.files[index].path, bar.update)
+            written.append(outs[index])
         by_name = {t.name: t for t in plan.tensors}
         if jobs > 1 and len(outs) > 1:
             _write_in_workers(by_name, layout, outs, ckpt_slice_bytes, jobs, bar)
         else:
             groups = GroupOutputs()
-            for index in range(len(outs)):
+            for index in outs:
                 _write_file(by_name, layout, outs, index, groups, ckpt_slice_bytes)
-        extras = []
-        for path, data in layout.extras.items():
-            extra = OutputFile(path)
-            written.append(extra)
-            extra.write(data)
-            extra.close()
-            extras.append(extra)
-        for out in outs:
+
+    def commit_share() -> None:
+        for out in outs.values():
             out.commit()
-        if layout.folder is not None and carry_from is not None:
-            carry_files(carry_from, layout.folder)
-        for extra in extras:
-            extra.commit()
+            committed.append(out)
+
+    try:
+        team.step(write_share)
+        team.step(commit_share)
+        if team.lead:
+            extras = []
+            for path, data in layout.extras.items():
+                extra = OutputFile(path)
+                written.append(extra)
+                extra.write(data)
+                extra.close()
+                extras.append(extra)
+            if layout.folder is not None and carry_from is not None:
+                carry_files(carry_from, layout.folder)
+            for extra in extras:
+                extra.commit()
     except BaseException:
         for out in written:
             out.abort()
+        for out in committed:
+            out.final.unlink(missing_ok=True)
+        team.settle()
         raise
     finally:
         bar.close()
+    return [out.final for out in outs.values()]
 
 
-def _write_file(by_name: dict[str, Planned], layout: Layout, outs: list[OutputFile], index: int,
+def _write_file(by_name: dict[str, Planned], layout: Layout, outs: dict[int, OutputFile], index: int,
                 groups: GroupOutputs, ckpt_slice_bytes: int) -> int:
     """Stream one weight file of the layout into its (already open) temporary file; its size."""
     spec, out = layout.files[index], outs[index]
@@ -101,13 +126,13 @@ def _worker(index: int) -> tuple[int, int]:
     return index, _write_file(by_name, layout, outs, index, GroupOutputs(), ckpt_slice_bytes)
 
 
-def _write_in_workers(by_name: dict[str, Planned], layout: Layout, outs: list[OutputFile], ckpt_slice_bytes: int,
-                      jobs: int, bar) -> None:
+def _write_in_workers(by_name: dict[str, Planned], layout: Layout, outs: dict[int, OutputFile],
+                      ckpt_slice_bytes: int, jobs: int, bar) -> None:
     global _FORKED
     _FORKED = (by_name, layout, outs, ckpt_slice_bytes)
     try:
         with multiprocessing.get_context("fork").Pool(min(jobs, len(outs))) as pool:
-            for index, size in pool.imap_unordered(_worker, range(len(outs))):
+            for index, size in pool.imap_unordered(_worker, list(outs)):
                 outs[index].close()
                 bar.update(size)
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 from . import registry
 from .convert import load_config, load_config_in
 from .errors import ConvError
-from .formats import dcp, megatron
+from .formats import checkpoint2, dcp, megatron
 from .formats.inputs import Source, open_input
 from .mapping import ModelSpec
 from .plan import Planned, build_plan
@@ -34,9 +34,13 @@ def inspect_checkpoint(path: str) -> dict:
         family = {"key": None, "from": str(e).removeprefix("--model auto: ")}
     tensors = [{"name": r.name, "dtype": r.dtype.code, "shape": list(r.shape), "bytes": r.nbytes}
                for r in source.refs.values()]
-    return {"path": str(path), "format": source.format, "files": [str(f) for f in source.files],
+    info = {"path": str(path), "format": source.format, "files": [str(f) for f in source.files],
             "family": family, "tensors": tensors, "total_tensors": len(tensors),
             "total_bytes": sum(t["bytes"] for t in tensors)}
+    folder = next((p for p in (Path(path), Path(path).parent) if checkpoint2.is_checkpoint2(p)), None)
+    if folder is not None:  # a MindFormers 2.x folder (or one of its files): which iteration
+        info["format"], info["parallel"] = "checkpoint2", {"iteration": checkpoint2.find(folder).iteration}
+    return info
 
 
 def _inspect_megatron(path: str) -> dict:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 
 from .errors import BadInput, UsageError
+from .jsonfile import read_object
 from .mapping import LORA_STYLES
 from .tensor_ref import TensorRef
 from .lazy import torch
@@ -76,11 +78,32 @@ def _merged(base: TensorRef, a: TensorRef, b: TensorRef, scale: float):
     return load
 
 
-def adapter_config(lora_names: list[str], rank: int, alpha: float | None) -> bytes:
-    """A PEFT `adapter_config.json` for the adapted modules (`lora_alpha` only when it is known)."""
-    modules = sorted({HF_LORA.match(n)["module"].rsplit(".", 1)[-1] for n in lora_names})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "target_modules": modules,
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
+def module_renames(rules) -> dict[str, str]:
+    """HF module names → MindFormers' (`q_proj` → `wq`), read off a model's LoRA rules."""
+    renames = {}
+    for rule in rules:
+        if len(rule.hf) == len(rule.ms) == 1 and rule.hf[0].text.endswith(".lora_A.weight"):
+            renames[rule.hf[0].text.split(".")[-3]] = rule.ms[0].text.split(".")[-2]
+    return renames
+
+
+def read_adapter_config(folder: Path) -> dict | None:
+    """The adapter_config.json beside an input, if there is one."""
+    path = folder / ADAPTER_CONFIG
+    return read_object(path) if path.is_file() else None
+
+
+def adapter_config(lora_names: list[str], rank: int, alpha: float | None, base: dict | None = None,
+                   renames: dict[str, str] | None = None) -> bytes:
+    """A PEFT `adapter_config.json` for the adapted modules (HF names, or `renames` of them).
+
+    `base`: the input's adapter_config.json, whose other settings are kept; `lora_alpha` only when known.
+    """
+    modules = sorted({(renames or {}).get(m, m) for m in (HF_LORA.match(n)["module"].rsplit(".", 1)[-1]
+                                                           for n in lora_names)})
+    config = dict(base) if base else {"peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_dropout": 0.0,
+                                      "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
+    config.update(r=rank, target_modules=modules)
     if alpha is not None:
         config["lora_alpha"] = alpha
     return (json.dumps(config, indent=2) + "\n").encode()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 
+from .errors import UsageError
 from .tensor_ref import Shape
 from .lazy import torch
 
@@ -141,6 +142,9 @@ def qkv_grouped(heads: Heads) -> Op:
         nh, nkv, hd = heads(cfg)
         q, k, v = xs
         rest = q.shape[1:]
+        if (q.shape[0], k.shape[0], v.shape[0]) != (nh * hd, nkv * hd, nkv * hd):
+            raise ValueError(f"q/k/v have {q.shape[0]}/{k.shape[0]}/{v.shape[0]} rows, but {nh} heads and {nkv} kv "
+                             f"heads of {hd} need {nh * hd}/{nkv * hd}/{nkv * hd}; does config.json describe it?")
         grouped = torch.cat([q.reshape(nkv, nh // nkv, hd, *rest), k.reshape(nkv, 1, hd, *rest),
                              v.reshape(nkv, 1, hd, *rest)], dim=1)
         return [grouped.reshape(-1, *rest)]
@@ -148,15 +152,30 @@ def qkv_grouped(heads: Heads) -> Op:
     return Op("qkv_grouped", forward, backward)
 
 
-def config_heads(cfg: Config) -> tuple[int, int, int]:
-    """(query heads, kv heads, head_dim) from config.json (or --n_head / --hidden_size); head_dim may
-    differ from hidden / heads when config.json says so."""
-    n_heads = cfg.get("num_attention_heads") or cfg.get("n_head")
-    hidden = cfg.get("hidden_size")
-    if not n_heads or not hidden:
-        raise ValueError("config.json has no num_attention_heads/hidden_size; pass --config_path or "
-                         "--n_head and --hidden_size")
-    return n_heads, cfg.get("num_key_value_heads") or n_heads, cfg.get("head_dim") or hidden // n_heads
+def config_section(cfg: Config, section: str | None) -> Config:
+    """A nested config (e.g. `text_config`) when present, else the top level (older config.json files)."""
+    return (cfg.get(section) or cfg) if section else cfg
+
+
+def attention_heads(section: str | None = None, heads: tuple[str, ...] = ("num_attention_heads", "n_head"),
+                    kv: str | None = "num_key_value_heads", hidden: str = "hidden_size") -> Heads:
+    """(query heads, kv heads, head_dim) read from config.json (a `section` of it) or --n_head /
+    --hidden_size, the first of the `heads` keys present; head_dim may differ from hidden / heads."""
+
+    def read(cfg: Config) -> tuple[int, int, int]:
+        c = config_section(cfg, section)
+        nh = next((c[k] for k in heads if c.get(k)), None)
+        if not nh or not c.get(hidden):
+            where = f"{section}." if section else ""
+            raise UsageError(f"config.json has no {where}{heads[0]}/{hidden}; pass --config_path with the HF "
+                             "config.json (or --n_head and --hidden_size)")
+        nkv = (c.get(kv) if kv else None) or nh
+        return nh, nkv, c.get("head_dim") or c[hidden] // nh
+
+    return read
+
+
+config_heads = attention_heads()  # a decoder's heads from the top level of config.json
 
 
 def interleave_rows(n: int) -> Op:
@@ -172,6 +191,67 @@ def interleave_rows(n: int) -> Op:
     return Op("interleave_rows", forward, backward)
 
 
+def grouped_rows(layout: Callable[[Config], tuple[int, list[int]]]) -> Op:
+    """One tensor of `groups` row blocks, each holding the parts' rows in turn ↔ the parts (each its rows of
+    every group, in group order); `layout` gives (groups, rows of each part per group). TeleChat's
+    `key_value` is (kv heads, [hd, hd]). Weights [rows, in] and biases [rows] alike.
+    """
+
+    def forward(xs, cfg):
+        (groups, sizes), x = layout(cfg), xs[0]
+        if x.shape[0] != groups * sum(sizes):
+            raise ValueError(f"{x.shape[0]} rows are not {groups} groups of {'+'.join(map(str, sizes))}")
+        parts = x.reshape(groups, sum(sizes), *x.shape[1:]).split(sizes, dim=1)
+        return [p.reshape(-1, *x.shape[1:]) for p in parts]
+
+    def backward(xs, cfg):
+        groups, rest = layout(cfg)[0], xs[0].shape[1:]
+        return [torch.cat([x.reshape(groups, -1, *rest) for x in xs], dim=1).reshape(-1, *rest)]
+
+    return Op("grouped_rows", forward, backward)
+
+
+def experts_matrix(parts: int, inner: Callable[[Config], int]) -> Op:
+    """Per-expert [out, in] weights of `parts` projections (every expert of the first, then of the next) ↔
+    one [E·in, parts·out] matrix: per expert its projections side by side ([gate | up]) transposed, the
+    experts one after another down the rows (MindFormers' GroupedMLP weight1 / weight2). `inner`: `in`,
+    from the config (the reverse needs it to tell E from in).
+    """
+
+    def forward(xs, cfg):
+        if len(xs) % parts:
+            raise ValueError(f"{len(xs)} expert weights do not make {parts} projections")
+        experts, (out, size) = len(xs) // parts, xs[0].shape
+        stacked = torch.stack(xs).reshape(parts, experts, out, size)
+        return [stacked.permute(1, 3, 0, 2).reshape(experts * size, parts * out)]
+
+    def backward(xs, cfg):
+        (rows, cols), size = xs[0].shape, inner(cfg)
+        if rows % size or cols % parts:
+            raise ValueError(f"[{rows}, {cols}] is not experts of [{size}, {parts}·out]")
+        split = xs[0].reshape(rows // size, size, parts, cols // parts).permute(2, 0, 3, 1)
+        return list(split.reshape(-1, cols // parts, size).unbind(0))
+
+    return Op("experts_matrix", forward, backward)
+
+
+@dataclass(frozen=True)
+class Renumber:
+    """A capture numbered differently on the two sides: HF's `n` is MS's `table(cfg)[n]` (Qwen3-VL's
+    deepstack merger j sits under ViT block `deepstack_visual_indexes[j]` in MindSpeed-MM)."""
+
+    field: str
+    table: Callable[[Config], list[int]]
+
+    def captures(self, caps: dict, cfg: Config, reverse: bool) -> dict:
+        table, n = list(self.table(cfg)), int(caps[self.field])
+        if reverse and n not in table:
+            raise ValueError(f"{self.field} = {n} is none of {table}")
+        if not reverse and n >= len(table):
+            raise ValueError(f"{self.field} = {n} is beyond the {len(table)} entries of {table}")
+        return {**caps, self.field: str(table.index(n) if reverse else table[n])}
+
+
 @dataclass(frozen=True)
 class Rule:
     hf: tuple[Pattern, ...]
@@ -180,7 +260,9 @@ class Rule:
     why: str = ""  # for drops: shown in the summary of what was left out
     gather: str | None = None  # a capture whose every value feeds one application (e.g. experts {e})
     ms_dtype: str | None = None  # dtype MindFormers forces for this tensor when --dtype is absent
+    hf_dtype: str | None = None  # its dtype in HF checkpoints whatever the model's (DeepSeek's fp32 router bias)
     when: Callable[[Config], bool] | None = field(default=None, compare=False)  # active only if true
+    renumber: Renumber | None = None  # a capture whose number differs between the sides
 
     def side(self, reverse: bool) -> tuple[tuple[Pattern, ...], tuple[Pattern, ...]]:
         """(source patterns, target patterns) for this direction."""
@@ -256,6 +338,7 @@ TRAINING_STATE = tuple(drop_ms(p, "training state") for p in (
 # MindFormers' LoRA suffixes: mindpet's LoRADense (qwen, baichuan, …), the older llama/glm `tk_delta_lora`,
 # and the plain `lora` of `--is_lora` (v1.4+). Each has `_a` ([r, in]) and `_b` ([out, r]).
 LORA_STYLES = ("mindpet_delta_lora", "tk_delta_lora", "lora")
+MEGATRON_LORA = "lora_{AB}.default.weight"  # MindSpeed-MM's LoRA names (megatron_layout.md §6.3)
 
 
 def lora_rules(rules: tuple[Rule, ...], style: str) -> tuple[Rule, ...]:
@@ -267,17 +350,28 @@ def lora_rules(rules: tuple[Rule, ...], style: str) -> tuple[Rule, ...]:
     """
     derived = []
     for rule in rules:
-        if rule.op is not IDENTITY or len(rule.hf) != 1 or len(rule.ms) != 1 or rule.gather:
+        if rule.op is not IDENTITY or len(rule.hf) != 1 or len(rule.ms) != 1 or rule.gather or rule.renumber:
             continue
         hf, ms = rule.hf[0].text, rule.ms[0].text
         tail = next((t for t in (".weight", ".{p}") if hf.endswith(t) and ms.endswith(t)), None)
         if tail is None:
             continue
-        for suffix in (style, *(s for s in LORA_STYLES if s != style)):
+        for suffix in (style,) if style == MEGATRON_LORA else (style, *(s for s in LORA_STYLES if s != style)):
             for ab in ("a", "b"):
+                name = suffix.format(AB=ab.upper()) if suffix == MEGATRON_LORA else f"{suffix}_{ab}"
                 derived.append(Rule(_patterns(f"{hf[:-len(tail)]}.lora_{ab.upper()}.weight"),
-                                    _patterns(f"{ms[:-len(tail)]}.{suffix}_{ab}"), when=rule.when))
+                                    _patterns(f"{ms[:-len(tail)]}.{name}"), when=rule.when))
     return tuple(derived)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A tensor MindSpore stores once that the HF side holds again: reading a MindSpore input, `name`
+    (a pattern) is `of` wherever an input name matches `where`, and a rule maps it to the HF copy."""
+
+    name: str
+    of: str
+    where: str
 
 
 @dataclass(frozen=True)
@@ -301,13 +395,19 @@ class ModelSpec:
     extra_rules: tuple[Rule, ...] = field(default=TRAINING_STATE, repr=False)
     # A Megatron model: the MS side names full Megatron tensors and this MegatronLayout places them.
     megatron: object = field(default=None, repr=False)
+    # Rules whose names config.json decides (DeepSeek-V3's MTP layers are numbered after the decoder's);
+    # they come before `rules`.
+    config_rules: Callable[[Config], tuple[Rule, ...]] | None = field(default=None, compare=False)
+    aliases: tuple[Alias, ...] = ()  # tensors MindSpore stores once and HF twice
 
     def all_rules(self, cfg: Config | None = None) -> tuple[Rule, ...]:
         """The rules in force: all of them, or (given a config) those whose `when` holds.
 
         LoRA rules come first: a MindSpore LoRA name (`….wq.tk_delta_lora_a`) would match `….wq.{p}`.
         """
-        rules = lora_rules(self.rules, self.lora_style) + self.rules + self.extra_rules
+        style = "lora" if cfg and cfg.get("is_lora") else self.lora_style  # v1.4+'s `--is_lora` names
+        own = self.config_rules(cfg) + self.rules if cfg is not None and self.config_rules else self.rules
+        rules = lora_rules(self.rules, style) + own + self.extra_rules
         return rules if cfg is None else tuple(r for r in rules if r.when is None or r.when(cfg))
 
     def variant(self, key: str, description: str, **changes) -> "ModelSpec":

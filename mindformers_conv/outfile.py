@@ -45,6 +45,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _copy_file_range(src: int, dst: int, offset: int, length: int) -> int:
+    return os.copy_file_range(src, dst, length, offset)
+
+
+def _sendfile(src: int, dst: int, offset: int, length: int) -> int:
+    return os.sendfile(dst, src, offset, length)
+
+
+# In-kernel file-to-file copies, fastest first (bytes never enter this process); read/write after them.
+KERNEL_COPIES = tuple(copy for copy, name in ((_copy_file_range, "copy_file_range"), (_sendfile, "sendfile"))
+                      if hasattr(os, name))
+_UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTSOCK}
+
+
 class OutputFile:
     """Streams bytes into a temporary file; `commit()` renames it over `final`, `abort()` removes it."""
 
@@ -54,6 +68,7 @@ class OutputFile:
         remove_stale_temps(self.final)
         self._on_bytes = on_bytes or (lambda n: None)
         self._sources: dict[str, int] = {}
+        self._copies = KERNEL_COPIES
         self.position = 0
         try:
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -75,17 +90,23 @@ class OutputFile:
         if src is None:
             src = self._sources[path] = os.open(path, os.O_RDONLY)
         while length > 0:
-            try:
-                n = os.copy_file_range(src, self.fd, length, offset)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    self._raise(e)
-                n = self._slow_copy(src, offset, length)
+            n = self._copy(src, offset, length)
             if n == 0:
                 raise OutputError(f"{path}: unexpected end of file at byte {offset}")
             offset += n
             length -= n
             self._advance(n)
+
+    def _copy(self, src: int, offset: int, length: int) -> int:
+        """One copy call of the first way the file systems take; a refused way is not tried again."""
+        while self._copies:
+            try:
+                return self._copies[0](src, self.fd, offset, length)
+            except OSError as e:
+                if e.errno not in _UNSUPPORTED:
+                    self._raise(e)
+                self._copies = self._copies[1:]
+        return self._slow_copy(src, offset, length)
 
     def _slow_copy(self, src: int, offset: int, length: int) -> int:
         chunk = os.pread(src, min(length, WRITE_PIECE), offset)
@@ -117,7 +138,10 @@ class OutputFile:
     def commit(self) -> None:
         """Close and rename into place (atomic against interruption of this process)."""
         self.close()
-        os.replace(self.tmp, self.final)
+        try:
+            os.replace(self.tmp, self.final)
+        except OSError as e:
+            self._raise(e)
 
     def abort(self) -> None:
         self.close()

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from . import dtypes
 from .dtypes import DType
 from .errors import BadInput, UnmappedTensor
-from .mapping import DROP, Config, ModelSpec, Rule
-from .tensor_ref import Shape, TensorRef, numel
+from .mapping import DROP, Config, ModelSpec, Pattern, Rule
+from .tensor_ref import CAST_CHUNK, Shape, TensorRef, numel
 from .lazy import torch
 
 
@@ -35,14 +35,20 @@ class Group:
 
     @property
     def work_bytes(self) -> int:
-        """Memory the recipe needs at once (0 when bytes are copied file to file)."""
+        """Memory the recipe needs at once (0 when bytes are copied file to file, a chunk when cast as a stream)."""
         if self.zero_copy:
             return 0
+        if self.rule.op.zero_copy:
+            return max(min(numel(s.shape), CAST_CHUNK) * (s.dtype.itemsize + d.itemsize)
+                       for s, d in zip(self.sources, self.dtypes))
         return sum(s.nbytes for s in self.sources) + sum(numel(s) * d.itemsize for s, d in zip(self.shapes, self.dtypes))
 
     def compute(self) -> list[torch.Tensor]:
-        outs = self.rule.op.run([s.read() for s in self.sources], self.cfg, self.reverse)
-        return [dtypes.cast(t, d).contiguous() for t, d in zip(outs, self.dtypes)]
+        return [dtypes.cast(t, d).contiguous() for t, d in zip(self.compute_uncast(), self.dtypes)]
+
+    def compute_uncast(self) -> list[torch.Tensor]:
+        """The op's outputs before the cast to `dtypes` (the executor casts them as a stream)."""
+        return self.rule.op.run([s.read() for s in self.sources], self.cfg, self.reverse)
 
 
 @dataclass
@@ -82,18 +88,42 @@ class Plan:
         return max((t.group.work_bytes for t in self.tensors), default=0)
 
 
+def as_refs(plan: Plan) -> dict[str, TensorRef]:
+    """A plan's outputs as lazy tensors, the source of another plan (MindSpore → MindSpore via the HF names).
+
+    Renamed tensors keep their file ranges (still zero-copy); a computed group runs once for all its
+    outputs while they are read one after another (the next plan reads a group's outputs together).
+    """
+    last: dict[int, list] = {}
+
+    def output(group: Group, index: int) -> torch.Tensor:
+        if id(group) not in last:
+            last.clear()
+            last[id(group)] = group.compute()
+        return last[id(group)][index]
+
+    def ref(t: Planned) -> TensorRef:
+        if t.group.zero_copy:
+            return t.group.sources[t.index].renamed(t.name)
+        return TensorRef(t.name, t.dtype, t.shape, loader=lambda: output(t.group, t.index))
+
+    return {t.name: ref(t) for t in plan.tensors}
+
+
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 def build_plan(spec: ModelSpec, refs: dict[str, TensorRef], *, reverse: bool, dtype: DType | None,
                cfg: Config, allow_unmapped: bool = False, keep_tied: bool = True,
-               mindformers_defaults: bool = True) -> Plan:
+               mindformers_defaults: bool = True, hf_default: DType | None = None) -> Plan:
     """Match every source name against the rules (first match wins) and derive the targets.
 
     `dtype` is the cast asked for; without it the forward uses the rule's or the model's MindFormers
-    default dtype (unless `mindformers_defaults` is off) and the reverse keeps each tensor's dtype.
+    default dtype (unless `mindformers_defaults` is off) and the reverse gives each tensor its rule's
+    `hf_dtype`, else `hf_default` (config.json's, for HF files), else keeps its dtype.
     """
     refs = _with_tied_alias(spec, refs, reverse, cfg)
+    refs = _with_aliases(spec, refs) if reverse else refs
     rules = spec.all_rules(cfg)
     groups: dict[tuple, dict[tuple, TensorRef]] = {}
     unmapped: list[str] = []
@@ -128,6 +158,8 @@ def build_plan(spec: ModelSpec, refs: dict[str, TensorRef], *, reverse: bool, dt
         target = dtype
         if target is None and mindformers_defaults and not reverse:
             target = dtypes.BY_CODE.get(rule.ms_dtype or spec.forward_dtype or "")
+        elif target is None and reverse:
+            target = dtypes.BY_CODE.get(rule.hf_dtype or "") or hf_default
         group = _group(rule, sources, dict(caps), reverse, cfg, target)
         for index, name in enumerate(group.targets):
             if name in produced:
@@ -160,15 +192,27 @@ def _complete(rule: Rule, caps: dict, members: dict[tuple, TensorRef], reverse: 
             expected = max(indices) + 1
         elif max(indices) >= expected:
             raise BadInput(f"{first!r}: the input has expert {max(indices)} but config.json says {expected} experts")
-        missing = sorted(set(range(expected)) - set(indices))
-        if missing:
-            name = patterns[0].format({**caps, rule.gather: str(missing[0])})
-            raise UnmappedTensor(f"{first!r} needs {name!r}, which the input does not have")
-        return [members[(0, str(k))] for k in indices]
+        for index, pattern in enumerate(patterns):  # several patterns (gate, up): each has every expert
+            missing = sorted(set(range(expected)) - {int(k[1]) for k in members if k[0] == index})
+            if missing:
+                name = pattern.format({**caps, rule.gather: str(missing[0])})
+                raise UnmappedTensor(f"{first!r} needs {name!r}, which the input does not have")
+        return [members[(index, str(k))] for index in range(len(patterns)) for k in range(expected)]
     missing = [p.format(caps) for i, p in enumerate(patterns) if (i, None) not in members]
     if missing:
         raise UnmappedTensor(f"{first!r} needs {missing[0]!r}, which the input does not have")
     return [members[(i, None)] for i in range(len(patterns))]
+
+
+def _with_aliases(spec: ModelSpec, refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """A MindSpore input read with spec.aliases: the tensors it stores once, under their second names too."""
+    extra = {}
+    for alias in (a for a in spec.aliases if a.of in refs):
+        where, name = Pattern(alias.where), Pattern(alias.name)
+        for caps in (where.match(n) for n in refs):
+            if caps is not None:
+                extra[name.format(caps)] = refs[alias.of].renamed(name.format(caps))
+    return {**refs, **extra}
 
 
 def _with_tied_alias(spec: ModelSpec, refs: dict[str, TensorRef], reverse: bool, cfg: Config):
@@ -211,8 +255,14 @@ def _group(rule: Rule, sources: list[TensorRef], caps: dict, reverse: bool, cfg:
     else:
         shapes, out_dtypes = _derive(rule, sources, cfg, reverse)
     patterns = rule.side(reverse)[1]
+    if rule.renumber:
+        try:
+            caps = rule.renumber.captures(caps, cfg, reverse)
+        except ValueError as e:
+            raise BadInput(f"{sources[0].name!r}: {e}") from None
     if rule.gather and rule.gather in patterns[0].fields:
-        targets = [patterns[0].format({**caps, rule.gather: str(k)}) for k in range(len(shapes))]
+        per = len(shapes) // len(patterns)
+        targets = [p.format({**caps, rule.gather: str(k)}) for p in patterns for k in range(per)]
     else:
         targets = [p.format(caps) for p in patterns]
     out_dtypes = [default if default and d.is_float else d for d in out_dtypes]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
+from . import dtypes
 from .dtypes import DType
 from .lazy import torch
 
@@ -85,6 +86,14 @@ class ByteSource:
         """Bytes [start, start+length) of this source, without reading them."""
         raise NotImplementedError
 
+    def view(self, start: int, length: int, scratch: memoryview) -> memoryview:
+        """Bytes [start, start+length) as one memoryview, read into `scratch` unless already in memory."""
+        pos = 0
+        for piece in self.window(start, length).pieces():
+            scratch[pos:pos + len(piece)] = piece
+            pos += len(piece)
+        return scratch[:length]
+
 
 def concat_sources(parts: list[ByteSource]) -> ByteSource:
     """Several byte sources one after another (file ranges stay file ranges)."""
@@ -137,6 +146,9 @@ class MemoryBytes(ByteSource):
     def window(self, start: int, length: int) -> "MemoryBytes":
         return MemoryBytes(self.data[start:start + length])
 
+    def view(self, start: int, length: int, scratch: memoryview) -> memoryview:
+        return self.data[start:start + length]
+
 
 @dataclass
 class FileRanges(ByteSource):
@@ -158,6 +170,17 @@ class FileRanges(ByteSource):
             with open(path, "rb", buffering=0) as f:
                 for start in range(0, size, self.PIECE):
                     yield memoryview(os.pread(f.fileno(), min(self.PIECE, size - start), offset + start))
+
+    def view(self, start: int, length: int, scratch: memoryview) -> memoryview:
+        pos = 0
+        for path, offset, size in sub_ranges(self.ranges, start, length):
+            with open(path, "rb", buffering=0) as f:
+                got = os.preadv(f.fileno(), [scratch[pos:pos + size]], offset)
+            if got != size:
+                from .errors import BadInput
+                raise BadInput(f"{path}: unexpected end of file at byte {offset + got}")
+            pos += size
+        return scratch[:length]
 
 
 @dataclass
@@ -195,3 +218,75 @@ class Chain(ByteSource):
                 parts.append(part.window(lo - pos, hi - lo))
             pos += part.nbytes
         return concat_sources(parts) if parts else MemoryBytes(memoryview(b""))
+
+
+CAST_CHUNK = 1 << 20  # elements per step of a streaming cast: its buffers stay small and in cache
+
+
+def cast_source(source: ByteSource, from_dtype: DType, dtype: DType) -> ByteSource:
+    """`source`'s elements as `dtype`: the source itself when nothing changes, else a streaming cast."""
+    if from_dtype == dtype or not (from_dtype.is_float and dtype.is_float):
+        return source
+    return CastBytes(source, from_dtype, dtype)
+
+
+@dataclass
+class CastBytes(ByteSource):
+    """Another source's elements cast (NaN payloads kept) a chunk at a time, through buffers every cast of
+    the process reuses: no tensor-sized allocation. A piece it yields is valid until the next one."""
+
+    source: ByteSource
+    from_dtype: DType
+    dtype: DType
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes // self.from_dtype.itemsize * self.dtype.itemsize
+
+    def write_to(self, out, start: int = 0, length: int | None = None) -> None:
+        for chunk in self._cast(start, self.nbytes - start if length is None else length):
+            out.write(chunk)
+
+    def pieces(self):
+        return self._cast(0, self.nbytes)
+
+    def window(self, start: int, length: int) -> "CastBytes":
+        first, count = self._elements(start, length)
+        size = self.from_dtype.itemsize
+        return CastBytes(self.source.window(first * size, count * size), self.from_dtype, self.dtype)
+
+    def _elements(self, start: int, length: int) -> tuple[int, int]:
+        size = self.dtype.itemsize
+        if start % size or length % size:
+            raise ValueError(f"byte window [{start}, +{length}) splits a {self.dtype.code} element")
+        return start // size, length // size
+
+    def _cast(self, start: int, length: int):
+        first, count = self._elements(start, length)
+        size = self.from_dtype.itemsize
+        inp, out = _reused("in", self.from_dtype), _reused("out", self.dtype)
+        scratch = memoryview(inp.view(torch.uint8).numpy()).cast("B")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # chunks are too small to share: a busy second core makes every op wait for it
+        try:
+            for at in range(first, first + count, CAST_CHUNK):
+                n = min(CAST_CHUNK, first + count - at)
+                raw = self.source.view(at * size, n * size, scratch)
+                if raw.readonly:  # torch.frombuffer wants a writable buffer
+                    scratch[:len(raw)] = raw
+                    raw = scratch[:len(raw)]
+                dtypes.cast_into(torch.frombuffer(raw, dtype=torch.uint8).view(self.from_dtype.torch), out[:n])
+                yield memoryview(out[:n].view(torch.uint8).numpy()).cast("B")
+        finally:
+            torch.set_num_threads(threads)
+
+
+_REUSED: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _reused(role: str, dtype: DType) -> torch.Tensor:
+    """The process's one CAST_CHUNK buffer per role and dtype (casts run one at a time)."""
+    key = (role, dtype.code)
+    if key not in _REUSED:
+        _REUSED[key] = torch.empty(CAST_CHUNK, dtype=dtype.torch)
+    return _REUSED[key]

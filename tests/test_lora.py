@@ -94,7 +94,7 @@ def test_peft_adapter_folder_converts_to_mindformers_names_and_back(cli, tmp_pat
                                      for n in lora_state()}
     back = tmp_path / "back"
     assert cli("--model", "llama", "--reversed", "--input_path", ckpt, "--output_path", f"{back}/").code == 0
-    assert_same_tensors(tensors_of(back / "adapter" / "adapter_model.safetensors"),
+    assert_same_tensors(tensors_of(back / "adapter_model.safetensors"),  # an adapter alone: the folder is PEFT's
                         tensors_of(peft / "adapter_model.safetensors"))
 
 
@@ -143,3 +143,64 @@ def test_merge_lora_needs_alpha_and_lora(cli, ms_with_lora, tiny_llama, tmp_path
     no_lora = cli("--model", "llama", "--input_path", plain, "--output_path", tmp_path / "b.ckpt", "--merge_lora",
                   "--lora_alpha", ALPHA)
     assert no_lora.code == 3 and "no LoRA" in no_lora.err and not (tmp_path / "b.ckpt").exists()
+
+
+def peft_folder(folder, config: dict | None = None):
+    """A PEFT adapter folder as `save_pretrained` writes it (prefixed names, adapter_config.json)."""
+    folder.mkdir()
+    save_file({f"base_model.model.{n}": t for n, t in lora_state().items()}, str(folder / "adapter_model.safetensors"))
+    if config is not None:
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+PEFT_CONFIG = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": R, "lora_alpha": ALPHA, "lora_dropout": 0.05,
+               "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "Qwen/Qwen2.5-7B"}
+
+
+def test_is_lora_writes_plain_lora_names_and_a_renamed_adapter_config_beside_the_output(cli, tmp_path):
+    """qwen2_5 `--is_lora` (spec mindformers_other.md §3.1): `….attention.wq.lora_a`, target_modules wq/wv; the
+    input's adapter_config.json is left as it was (MindFormers rewrites it in place)."""
+    peft = peft_folder(tmp_path / "peft", PEFT_CONFIG)
+    before = (peft / "adapter_config.json").read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    result = cli("--model", "qwen2_5", "--input_path", peft, "--output_path", out / "lora.ckpt", "--is_lora")
+    assert result.code == 0, result.err
+    got = tensors_of(out / "lora.ckpt")
+    assert set(got) == {f"{LAYER.format(i=i)}.attention.{m}.lora_{ab}"
+                        for i in range(GQA.num_hidden_layers) for m in ("wq", "wv") for ab in "ab"}
+    assert {d for d, _, _ in got.values()} == {"BF16"}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config == {**PEFT_CONFIG, "target_modules": ["wq", "wv"]}
+    assert (peft / "adapter_config.json").read_bytes() == before
+
+
+def test_is_lora_reverse_gives_a_peft_adapter_folder_with_its_config(cli, tmp_path):
+    """Back: adapter_model.safetensors with PEFT's names and bytes, and adapter_config.json in HF names."""
+    peft = peft_folder(tmp_path / "peft", PEFT_CONFIG)
+    ms = tmp_path / "ms"
+    ms.mkdir()
+    assert cli("--model", "qwen2_5", "--input_path", peft, "--output_path", ms / "lora.ckpt", "--is_lora").code == 0
+    back = tmp_path / "back"
+    result = cli("--model", "qwen2_5", "--reversed", "--input_path", ms / "lora.ckpt", "--output_path", f"{back}/")
+    assert result.code == 0, result.err
+    assert_same_tensors(tensors_of(back / "adapter_model.safetensors"), tensors_of(peft / "adapter_model.safetensors"))
+    assert json.loads((back / "adapter_config.json").read_text()) == PEFT_CONFIG
+
+
+def test_is_lora_takes_the_adapter_from_a_folder_that_also_holds_a_base_model(cli, tiny_llama, tmp_path):
+    base = tiny_llama(dtype="BF16")
+    save_file({f"base_model.model.{n}": t for n, t in lora_state().items()}, str(base / "adapter_model.safetensors"))
+    out = tmp_path / "lora.ckpt"
+    result = cli("--model", "llama", "--input_path", base, "--output_path", out, "--is_lora", "--lora_alpha", "8")
+    assert result.code == 0, result.err
+    assert len(tensors_of(out)) == len(lora_state())
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (R, 8.0, ["wq", "wv"])
+
+
+def test_is_lora_without_lora_tensors_is_refused(cli, tiny_llama, tmp_path):
+    result = cli("--model", "llama", "--input_path", tiny_llama(), "--output_path", tmp_path / "x.ckpt", "--is_lora")
+    assert result.code == 3 and "no LoRA parameters" in result.err
+    assert not (tmp_path / "x.ckpt").exists()

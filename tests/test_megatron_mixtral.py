@@ -8,17 +8,21 @@ from megatron_helpers import assert_same_rank_files, rank_files
 EXPERTS, FFN, HIDDEN = 4, 48, 32
 
 
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory):
+def write_mixtral(folder):
+    """A tiny random Mixtral in bf16: 2 layers of width 32, 4 experts of ffn 48, vocab 99."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=99, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=EXPERTS,
                            num_experts_per_tok=2, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("mixtral") / "hf"
     MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    return write_mixtral(tmp_path_factory.mktemp("mixtral") / "hf")
 
 
 def to_megatron(cli, source, out, *flags):

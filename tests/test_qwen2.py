@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_same_tensors, tensors_of
+from conftest import assert_same_tensors, example, tensors_of
 
 H, I, NH, NKV, HD, V, L = 16, 24, 4, 2, 4, 32, 2  # GQA: 4 query heads over 2 KV heads
 SIZES = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH,
@@ -116,6 +116,14 @@ def qwen2_config(tied: bool):
     return Qwen2Config(**SIZES, tie_word_embeddings=tied, rope_theta=1000000.0, torch_dtype="bfloat16")
 
 
+@example("qwen2_5")
+def qwen2_5_example(folder, key):
+    """bf16, which qwen2_5's BFloat16 default keeps exactly."""
+    from transformers import Qwen2ForCausalLM
+
+    return save_tiny(folder, Qwen2ForCausalLM, qwen2_config(tied=False)), ()
+
+
 @pytest.fixture(params=[False, True], ids=["untied", "tied"])
 def qwen2_hf(request, tmp_path):
     """(tied?, HF folder): Qwen2-7B-like (untied) or Qwen2-0.5B-like (tied, no lm_head on disk)."""
@@ -125,7 +133,9 @@ def qwen2_hf(request, tmp_path):
 
 
 # (key, --dtype flag, expected dtype): qwen2 Float32 as transformers 4.x loads; the qwen1_5 script Float16
-DTYPES = [("qwen2", None, "F32"), ("qwen2", "bf16", "BF16"), ("qwen1_5", None, "F16"), ("qwen1_5", "fp32", "F32")]
+# qwen2_5: BFloat16 (research/qwen2_5's default, mindformers_other.md §3.1)
+DTYPES = [("qwen2", None, "F32"), ("qwen2", "bf16", "BF16"), ("qwen1_5", None, "F16"), ("qwen1_5", "fp32", "F32"),
+          ("qwen2_5", None, "BF16"), ("qwen2_5", "fp32", "F32")]
 
 
 @pytest.mark.parametrize("key, flag, dtype", DTYPES)
@@ -157,7 +167,7 @@ def test_qwen2_ckpt_loads_in_mindspore(cli, qwen2_hf, tmp_path):
     assert_loads_in_mindspore(tmp_path / "q.ckpt", dense_names(bias=True, dtype="F32"))
 
 
-@pytest.mark.parametrize("key", ["qwen2", "qwen1_5"])
+@pytest.mark.parametrize("key", ["qwen2", "qwen1_5", "qwen2_5"])
 @pytest.mark.parametrize("flags", [(), ("--dtype", "bf16")])
 def test_qwen2_round_trip_gives_back_the_hf_bytes_and_logits(cli, qwen2_hf, tmp_path, key, flags):
     """MindFormers has no qwen2 reverse (qwen1_5's script is the llama inverse); ours is the exact inverse.
@@ -235,3 +245,25 @@ def test_qwen_key_picks_the_qwen2_layout_from_the_input(cli, qwen2_hf, tmp_path,
     assert result.code == 0, result.err
     assert "model: qwen2 (--model qwen: qwen2 layout" in result.out
     assert "model.layers.0.attention.wq.bias" in tensors_of(out)
+
+
+@pytest.mark.parametrize("key", ["qwen2", "qwen2_5"])
+def test_qwen2_qkv_concat_groups_the_biases_too(cli, tmp_path, key):
+    """`--qkv_concat` (mindformers_other.md §3.1): q/k/v biases go into `attention.w_qkv.bias` with the same
+    per-KV-head grouping as the weight; the reverse splits them back to the input's bytes and logits."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2ForCausalLM
+
+    hf = save_tiny(tmp_path / "hf", Qwen2ForCausalLM, qwen2_config(tied=False))
+    state = load_file(str(hf / "model.safetensors"))
+    ckpt, back = tmp_path / "fused.ckpt", tmp_path / "back"
+    got = forward_ok(cli, key, hf, ckpt, "--qkv_concat", "--dtype", "bf16", "--verify")
+    assert got["model.layers.0.attention.w_qkv.bias"] == ("BF16", ((NH + 2 * NKV) * HD,))
+    q, k, v = (state[f"model.layers.1.self_attn.{x}_proj.bias"] for x in "qkv")
+    g = NH // NKV
+    expected = torch.cat([torch.cat([q[grp * g * HD:(grp + 1) * g * HD], k[grp * HD:(grp + 1) * HD],
+                                     v[grp * HD:(grp + 1) * HD]]) for grp in range(NKV)])
+    assert tensors_of(ckpt)["model.layers.1.attention.w_qkv.bias"][2].equal(expected.view(torch.uint8))
+    reverse_ok(cli, key, ckpt, f"{back}/", "--config_path", hf)
+    assert_same_tensors(tensors_of(back), tensors_of(hf))
+    assert torch.equal(logits(back, Qwen2ForCausalLM), logits(hf, Qwen2ForCausalLM))

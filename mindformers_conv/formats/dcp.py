@@ -225,7 +225,7 @@ def read_dcp(path: str | Path) -> tuple[DcpDir, dict[str, TensorRef], list[Path]
                 raise BadInput(f"{file}: {fqn!r} chunk holds {ref.dtype.code} {list(ref.shape)}, the metadata says "
                                f"{dtype.code} {list(chunk.sizes)}")
             chunks.append((offsets, ref))
-        refs[name] = _whole(name, dtype, shape, chunks, found.folder)
+        refs[name] = from_chunks(name, dtype, shape, chunks, found.folder)
     if not refs:
         raise BadInput(f"{found.folder}: the DCP checkpoint has no 'model.*' tensors")
     return found, refs, sorted(files)
@@ -238,7 +238,7 @@ def _inside(folder: Path, relative: str) -> Path:
     return path
 
 
-def _whole(name: str, dtype, shape: Shape, chunks: list, folder: Path) -> TensorRef:
+def from_chunks(name: str, dtype, shape: Shape, chunks: list, folder: Path) -> TensorRef:
     """One tensor from its chunks: the chunk itself, rows stacked as byte ranges, else a loader."""
     chunks.sort(key=lambda c: c[0])
     if sum(numel(r.shape) for _, r in chunks) != numel(shape):

@@ -29,7 +29,7 @@ def read_indexed(index_path: Path, read_one: Reader) -> dict[str, TensorRef]:
         by_file.setdefault(file, []).append(name)
     refs: dict[str, TensorRef] = {}
     for file, names in by_file.items():
-        shard = _inside(folder, file, index_path)
+        shard = inside(folder, file, index_path)
         found = read_one(shard)
         for name in names:
             if name not in found:
@@ -54,7 +54,7 @@ def _weight_map(index_path: Path) -> dict[str, str]:
     return data
 
 
-def _inside(folder: Path, file, index_path: Path) -> Path:
+def inside(folder: Path, file, index_path: Path) -> Path:
     """A shard path from an index, refused if it leaves the folder (.., absolute, symlink escape)."""
     if not isinstance(file, str) or os.path.isabs(file) or ".." in Path(file).parts:
         raise BadInput(f"{index_path}: shard {file!r} is outside the checkpoint folder")

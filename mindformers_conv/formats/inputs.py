@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInput
+from ..errors import BadInput, UsageError
 from ..tensor_ref import TensorRef
-from . import hf_safetensors, ms_ckpt, ms_safetensors, safetensors_file, torch_pickle
+from . import checkpoint2, hf_safetensors, ms_ckpt, ms_distributed, ms_safetensors, safetensors_file, torch_pickle
 
 
 @dataclass
@@ -34,16 +34,22 @@ _INDEXES = (hf_safetensors.INDEX, hf_safetensors.BIN_INDEX, ms_safetensors.PARAM
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
 
 
-def open_input(path: str | Path) -> Source:
+def open_input(path: str | Path, strategy: str | None = None) -> Source:
     """A folder is searched for an index, then a known single file, then one weight file of any name.
 
     A file that belongs to its folder's checkpoint (named in the index, or the folder's only weight
     file) stands for the whole folder, as MindFormers' `--input_path` documents; any other file is
-    read alone.
+    read alone. A folder of `rank_*/` checkpoints is merged by its strategy (`strategy`, or a `strategy/`
+    folder inside or beside it).
     """
     path = Path(path)
     if not path.exists():
         raise BadInput(f"input {path} does not exist")
+    if path.is_dir() and ms_distributed.rank_folders(path):
+        refs, files = ms_distributed.open_distributed(path, strategy)
+        return Source(refs, files, path, _format_of(refs, files))
+    if strategy:
+        raise UsageError(f"--strategy applies to a folder of rank_*/ checkpoints, and {path} is not one")
     if path.is_dir():
         return _open_folder(path)
     folder = path.parent
@@ -57,6 +63,9 @@ def open_input(path: str | Path) -> Source:
 
 
 def _open_folder(folder: Path) -> Source:
+    if checkpoint2.is_checkpoint2(folder):
+        found, refs, files = checkpoint2.read(folder)
+        return Source(refs, files, found.root, "ms-safetensors")
     for name in _INDEXES:
         index = folder / name
         if index.is_file():
@@ -67,7 +76,8 @@ def _open_folder(folder: Path) -> Source:
     for name in _SINGLES:
         if (folder / name).is_file():
             return _open_files([folder / name], folder)
-    weights = sorted(p for p in folder.iterdir() if p.suffix in _READERS and p.is_file() and not p.name.startswith("."))
+    weights = sorted(p for p in folder.iterdir() if p.suffix in _READERS and p.is_file() and not p.name.startswith(".")
+                     and p.name != ms_safetensors.HYPER_PARAM)  # optimizer scalars, not weights
     if not weights:
         raise BadInput(f"no checkpoint in {folder} (looked for an index, *.safetensors, *.ckpt, *.bin, *.pt)")
     kinds = {p.suffix for p in weights}

@@ -163,7 +163,8 @@ def is_megatron(path: str | Path) -> bool:
     if not path.is_dir():
         return False
     if (path / TRACKER).is_file():
-        return True
+        from .checkpoint2 import is_checkpoint2  # MindFormers 2.x uses the same tracker file name
+        return not is_checkpoint2(path)
     return any(_RANK_DIR.fullmatch(p.name) for p in path.iterdir() if p.is_dir())
 
 

@@ -69,15 +69,18 @@ def output_kind(path: str, reverse: bool) -> str:
 
 
 def plan_layout(output_path: str, reverse: bool, entries: list[Entry], max_shard_bytes: int,
-                pickle_wrap: str | None = None, lora_alpha: float | None = None) -> Layout:
+                pickle_wrap: str | None = None, lora_alpha: float | None = None,
+                adapter_base: dict | None = None) -> Layout:
+    """`adapter_base`: the input's adapter_config.json, whose settings a PEFT adapter output keeps."""
     kind = output_kind(output_path, reverse)
     metadata = hf_safetensors.METADATA if reverse else ms_safetensors.METADATA
     if kind == "folder":
         adapter = [e for e in entries if reverse and lora.is_hf_lora(e[0])]
         base = [e for e in entries if e not in adapter]
-        layout = _folder(Path(output_path), reverse, base, max_shard_bytes, metadata)
+        folder = Path(output_path)
+        layout = _folder(folder, reverse, base, max_shard_bytes, metadata) if base else Layout([], {}, folder)
         if adapter:
-            _add_adapter(layout, adapter, lora_alpha)
+            _add_adapter(layout, adapter, lora_alpha, adapter_base)
         return layout
     path = Path(output_path)
     if kind == "ckpt" and path.suffix != ".ckpt":
@@ -102,13 +105,18 @@ def _folder(folder: Path, reverse: bool, entries: list[Entry], max_shard_bytes: 
     return Layout(files, extras, folder)
 
 
-def _add_adapter(layout: Layout, entries: list[Entry], alpha: float | None) -> None:
-    """LoRA of a HF output goes to `adapter/` as a PEFT adapter, beside the base weights."""
-    folder = layout.folder / lora.ADAPTER_FOLDER
+def _add_adapter(layout: Layout, entries: list[Entry], alpha: float | None, base: dict | None) -> None:
+    """LoRA of a HF output is a PEFT adapter: in `adapter/` beside the base weights, or the folder itself."""
+    folder = layout.folder / lora.ADAPTER_FOLDER if layout.files else layout.folder
     layout.files.append(FileSpec(folder / lora.ADAPTER_WEIGHTS, "safetensors", entries, hf_safetensors.METADATA,
                                  name_prefix=lora.PEFT_PREFIX))
-    rank = next(e[2][0] for e in entries if ".lora_A." in e[0])
-    layout.extras[folder / lora.ADAPTER_CONFIG] = lora.adapter_config([e[0] for e in entries], rank, alpha)
+    layout.extras[folder / lora.ADAPTER_CONFIG] = lora.adapter_config([e[0] for e in entries], lora_rank(entries),
+                                                                      alpha, base)
+
+
+def lora_rank(entries: list[Entry]) -> int:
+    """r: the rows of a HF LoRA A."""
+    return next(e[2][0] for e in entries if ".lora_A." in e[0])
 
 
 def parse_size(text: str) -> int:

@@ -38,7 +38,7 @@ def read_dcp_source(path: str | Path, layout: MegatronLayout, cfg: Config) -> Me
     for name, ref in refs.items():
         if layout.split_of(name).kind == "vocab" and vocab and ref.shape and ref.shape[0] > vocab:
             refs[name] = fmt.rows_prefix(ref, vocab)  # padded to a multiple by the trainer
-    return MegatronSource(refs, files, tp=1, ep=1, pipelines={}, iteration=found.iteration)
+    return MegatronSource(refs, files, tps={}, ep=1, pipelines={}, iteration=found.iteration)
 
 
 def _placements(plan: Plan, layout: MegatronLayout) -> list[Placement]:
@@ -49,8 +49,8 @@ def _placements(plan: Plan, layout: MegatronLayout) -> list[Placement]:
 def write_dcp(plan: Plan, layout: MegatronLayout, source: Source, output_path: str, options: Options,
               direction: str) -> Result:
     check_not_input(source, output_path)
-    layout_flags = [k for k in ("tp", "ep", "vpp", "llm_pp_layers", "vit_pp_layers", "make_vocab_size_divisible_by")
-                    if options.parallel.get(k) not in (None, 1)]
+    layout_flags = [k for k in ("tp", "ep", "vpp", "llm_pp_layers", "vit_pp_layers", "audio_pp_layers", "vit_tp",
+                                "audio_tp", "make_vocab_size_divisible_by") if options.parallel.get(k) not in (None, 1)]
     if layout_flags:
         raise UsageError(f"--target dcp writes full, unsharded tensors: --{layout_flags[0]} does not apply")
     iteration = options.parallel.get("iteration")

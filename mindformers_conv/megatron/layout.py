@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..dtypes import DType
 from ..errors import BadInput, UsageError
+from ..lora import HF_LORA
 from ..mapping import Config, Pattern
 from ..tensor_ref import Shape
 from .pipeline import PipelineLayers, stage_of_flat
@@ -22,15 +23,17 @@ from .tensor_parallel import REPLICATED, Piece, TpSplit, shard_shape
 @dataclass(frozen=True)
 class Modality:
     """One tower's pipeline schema: `firsts` go on its first stage with layers, `lasts` on its last,
-    layers `{layers}{n}.…` on the stage holding global layer n (renumbered locally)."""
+    layers `{layers}{n}.…` on the stage holding global layer n (renumbered locally), `everywhere` on
+    every stage (spec §4.1 `all_layer`, DeepSeek-VL2's `image_newline`)."""
 
     name: str  # "llm", "vit": the CLI flag is --{name}_pp_layers
     firsts: tuple[str, ...]
     lasts: tuple[str, ...]
     layers: str
+    everywhere: tuple[str, ...] = ()
 
     def owns(self, name: str) -> bool:
-        return name.startswith((self.layers, *self.firsts, *self.lasts))
+        return name.startswith((self.layers, *self.firsts, *self.lasts, *self.everywhere))
 
     def layer_of(self, name: str) -> tuple[int, str] | None:
         """(layer number, rest of the name after it) for a layer tensor, else None."""
@@ -61,6 +64,10 @@ class MegatronLayout:
         object.__setattr__(self, "_patterns", tuple((Pattern(p), s) for p, s in self.tp_rules))
 
     def split_of(self, name: str) -> TpSplit:
+        lora = HF_LORA.fullmatch(name)  # `X.lora_A.default.weight`: A has X's columns, B its rows
+        if lora:
+            base = self.split_of(f"{lora['module']}.weight")
+            return base if (base.dim == 0) == (lora["ab"] == "B") else REPLICATED
         return next((s for p, s in self._patterns if p.match(name) is not None), REPLICATED)
 
     def modality_of(self, name: str) -> Modality:
@@ -83,23 +90,44 @@ class MegatronLayout:
         return next(m for m in self.modalities if m.name == name)
 
 
+LLM = "llm"  # the modality whose pipeline lists set the PP and VPP sizes (spec §8: pp_size = len(llm_pp_layers[0]))
+
+
 @dataclass(frozen=True)
 class Parallel:
-    """The target layout: TP and EP sizes, per-modality pipeline layer counts, vocab padding."""
+    """The target layout: the TP size of every modality (a tower may differ from the LLM, spec §3.5), the
+    EP size, per-modality pipeline layer counts (the LLM's set the stages, §4.6), vocab padding."""
 
-    tp: int = 1
+    tps: dict[str, int]
     ep: int = 1
     pipelines: dict[str, PipelineLayers] = field(default_factory=dict)
     vocab_divisible_by: int = 1
     iteration: int | None = None
 
     @property
+    def tp(self) -> int:
+        """TP rank folders: the largest modality TP size (every other one divides it)."""
+        return max(self.tps.values())
+
+    @property
+    def main(self) -> PipelineLayers:
+        return main_pipeline(self.pipelines)
+
+    @property
     def pp(self) -> int:
-        return next(iter(self.pipelines.values())).pp
+        return self.main.pp
 
     @property
     def vpp(self) -> int:
-        return next(iter(self.pipelines.values())).vpp
+        return self.main.vpp
+
+    @property
+    def stages(self) -> int:
+        return len(self.main.flat)
+
+
+def main_pipeline(pipelines: dict[str, PipelineLayers]) -> PipelineLayers:
+    return pipelines.get(LLM) or next(iter(pipelines.values()))
 
 
 @dataclass
@@ -113,7 +141,8 @@ class Placement:
     source: str  # the plan tensor that computes it (the embedding, for a tied head)
     ep_ranks: tuple[int, ...]
     split: TpSplit
-    pieces: list[list[Piece]]  # per TP rank, on the (padded) split axis
+    pieces: list[list[Piece]]  # per TP rank folder, on the (padded) split axis
+    tp: int  # the modality's TP size: folder r holds its rank r mod tp (spec §3.5)
     dtype: DType
     shape: Shape  # full, unpadded
     order: tuple = ()
@@ -131,11 +160,14 @@ Entry = tuple[str, DType, Shape]
 
 def resolve_parallel(layout: MegatronLayout, entries: list[Entry], tp: int, ep: int,
                      pp_layers: dict[str, PipelineLayers | None], vocab_divisible_by: int = 1,
-                     iteration: int | None = None) -> Parallel:
-    """Fill in the pipeline lists the user left out and check them against the model's layers."""
+                     iteration: int | None = None, tower_tps: dict[str, int | None] | None = None) -> Parallel:
+    """Fill in the pipeline lists and TP sizes the user left out and check them against the model.
+
+    `tower_tps`: a modality's own TP size (--vit_tp, --audio_tp; 0 or None = --tp).
+    """
     counts = layer_counts(layout, [e[0] for e in entries])
     given = {k: v for k, v in pp_layers.items() if v is not None}
-    shape = next(iter(given.values()), None)
+    shape = given.get(LLM) or next(iter(given.values()), None)
     pipelines = {}
     for m in layout.modalities:
         layers = given.get(m.name)
@@ -148,13 +180,21 @@ def resolve_parallel(layout: MegatronLayout, entries: list[Entry], tp: int, ep: 
             raise UsageError(f"--{m.name}_pp_layers {layers.as_text()} sum to {layers.total}, but the model "
                              f"has {counts[m.name]} {m.name} layers")
         pipelines[m.name] = layers
-    shapes = {(p.pp, p.vpp) for p in pipelines.values()}
-    if len(shapes) > 1:
-        raise UsageError("every --*_pp_layers list needs the same PP and VPP sizes "
-                         f"({', '.join(f'{k}: {v.as_text()}' for k, v in pipelines.items())})")
+    stages = len(main_pipeline(pipelines).flat)
+    for name, layers in pipelines.items():
+        if len(layers.flat) > stages:  # MindSpeed-MM partitions them but saves only the LLM's stages (§4.6)
+            raise UsageError(f"--{name}_pp_layers {layers.as_text()} has {len(layers.flat)} stages, more than the "
+                             f"{stages} of --{LLM}_pp_layers; a tower may have as many or fewer (it is then "
+                             "repeated over the stages), not more")
     if tp < 1 or ep < 1:
         raise UsageError("--tp and --ep must be at least 1")
-    return Parallel(tp, ep, pipelines, vocab_divisible_by, iteration)
+    tps = {m.name: (tower_tps or {}).get(m.name) or tp for m in layout.modalities}
+    if any(n < 0 for n in tps.values()):
+        raise UsageError("a tower's TP size must be at least 0 (0 = --tp)")
+    largest = max(tps.values())
+    if any(largest % n for n in tps.values()):
+        raise UsageError(f"TP sizes {', '.join(f'{k} {v}' for k, v in tps.items())}: each must divide the largest")
+    return Parallel(tps, ep, pipelines, vocab_divisible_by, iteration)
 
 
 def layer_counts(layout: MegatronLayout, names) -> dict[str, int]:
@@ -197,6 +237,8 @@ def place(layout: MegatronLayout, entries: list[Entry], par: Parallel, cfg: Conf
             if layout.tied and target == layout.tied[0] and cfg.get("tie_word_embeddings") \
                     and lines.first_stage == lines.last_stage:
                 continue  # Megatron shares the embedding on that stage: no separate head (§4.7)
+        elif target.startswith(m.everywhere):
+            flat, local, rank_order = 0, target, (-1, _prefix_index(target, m.everywhere))
         else:
             raise BadInput(f"tensor {target!r} is neither a layer nor a first/last-stage tensor of {m.name}")
         if flat is None:
@@ -206,15 +248,18 @@ def place(layout: MegatronLayout, entries: list[Entry], par: Parallel, cfg: Conf
         if expert is not None and par.ep > 1:
             rank, number = divmod(expert[0], per_rank)
             local, ep_ranks = f"{expert[1]}{number}{expert[2]}", (rank,)
-        split = layout.split_of(target)
+        split, tp = layout.split_of(target), par.tps[m.name]
         try:
-            pieces = split.pieces(shape, par.tp, cfg, par.vocab_divisible_by)
+            pieces = split.pieces(shape, tp, cfg, par.vocab_divisible_by)
         except UsageError as e:
             raise UsageError(f"{target}: {e}") from None
-        chunk, pp = stage_of_flat(flat, lines.pp)
-        # A function of the names only, so files come out the same whatever order the input lists tensors.
-        order = (chunk, layout.modalities.index(m), *rank_order, expert[0] if expert else -1, local)
-        out.append(Placement(chunk, pp, local, target, source, ep_ranks, split, pieces, dtype, shape, order))
+        pieces = [pieces[r % tp] for r in range(par.tp)]
+        # A tower with fewer stages than the LLM repeats over them: stage f holds its stage f mod L (§4.6).
+        for f in range(flat, par.stages, 1 if target.startswith(m.everywhere) else len(lines.flat)):
+            chunk, pp = stage_of_flat(f, par.pp)
+            # A function of the names only, so files come out the same whatever order the input lists tensors.
+            order = (chunk, layout.modalities.index(m), *rank_order, expert[0] if expert else -1, local)
+            out.append(Placement(chunk, pp, local, target, source, ep_ranks, split, pieces, tp, dtype, shape, order))
     out.sort(key=lambda p: (p.pp, p.order))
     return out
 
@@ -246,34 +291,29 @@ def local_to_full(layout: MegatronLayout, local: str, flat: int, pipelines: dict
 
 
 def discover_pipelines(layout: MegatronLayout, stage_names: list[list[str]], pp: int) -> dict[str, PipelineLayers]:
-    """Per-modality layer counts of every flat stage, from the names the stages hold."""
+    """Per-modality layer counts of every flat stage, from the names the stages hold. A tower repeated
+    over the stages (spec §4.6) holds its first-stage tensors again after L stages: its list is the
+    first L stages' counts, and every later stage must hold what stage f mod L holds."""
     out = {}
     for m in layout.modalities:
-        flat = [layer_counts(layout, names)[m.name] for names in stage_names]
-        out[m.name] = PipelineLayers(tuple(tuple(flat[v * pp:(v + 1) * pp]) for v in range(len(flat) // pp)))
+        mine = [{n for n in names if m.owns(n)} for names in stage_names]
+        flat = [layer_counts(layout, names)[m.name] for names in mine]
+        period = _period(m, mine)
+        if period == len(flat):
+            out[m.name] = PipelineLayers(tuple(tuple(flat[v * pp:(v + 1) * pp]) for v in range(len(flat) // pp)))
+            continue
+        for f in range(period, len(flat)):
+            if mine[f] != mine[f % period]:
+                raise BadInput(f"{m.name} repeats every {period} pipeline stages, but stage {f} does not hold "
+                               f"what stage {f % period} holds")
+        out[m.name] = PipelineLayers((tuple(flat[:period]),))
     return out
 
 
-HeadsFn = Callable[[Config], tuple[int, int, int]]
-
-
-def config_section(cfg: Config, section: str | None) -> Config:
-    """A nested config (e.g. `text_config`) when present, else the top level (older config.json files)."""
-    return (cfg.get(section) or cfg) if section else cfg
-
-
-def attention_heads(section: str | None = None, heads: str = "num_attention_heads",
-                    kv: str | None = "num_key_value_heads", hidden: str = "hidden_size") -> HeadsFn:
-    """(query heads, kv heads, head_dim) read from a config (section); head_dim may differ from hidden/heads."""
-
-    def read(cfg: Config) -> tuple[int, int, int]:
-        c = config_section(cfg, section)
-        nh = c.get(heads)
-        if not nh or not c.get(hidden):
-            where = f"{section}." if section else ""
-            raise UsageError(f"config.json has no {where}{heads}/{hidden}; pass --config_path with the HF config.json")
-        nkv = (c.get(kv) if kv else None) or nh
-        return nh, nkv, c.get("head_dim") or c[hidden] // nh
-
-    return read
-
+def _period(m: Modality, stages: list[set[str]]) -> int:
+    """After how many stages a tower's first- (or last-) stage tensors come again; all stages if never."""
+    for prefixes in (m.firsts, m.lasts):
+        holding = [f for f, names in enumerate(stages) if any(n.startswith(prefixes) for n in names)]
+        if len(holding) > 1:
+            return holding[1] - holding[0]
+    return len(stages)

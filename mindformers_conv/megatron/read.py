@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import BadInput, UsageError
 from ..formats import megatron as fmt
 from ..mapping import Config
-from ..tensor_ref import TensorRef, numel, sub_ranges
+from ..tensor_ref import TensorRef, numel, raw_bytes, sub_ranges
 from .layout import MegatronLayout, discover_pipelines, local_to_full
 from .pipeline import PipelineLayers
 from .tensor_parallel import TpSplit, merge, merge_spans, shard_length
@@ -25,7 +25,7 @@ from .tensor_parallel import TpSplit, merge, merge_spans, shard_length
 class MegatronSource:
     refs: dict[str, TensorRef]
     files: list[Path]
-    tp: int
+    tps: dict[str, int]  # modality → its TP size
     ep: int
     pipelines: dict[str, PipelineLayers]
     iteration: int | None
@@ -51,20 +51,40 @@ def read_megatron(path: str | Path, layout: MegatronLayout, cfg: Config) -> Mega
             for local, ref in state.items():
                 if e and layout.expert_of(local) is None:
                     continue  # the same non-expert tensors sit on every EP rank
+                m = layout.modality_of(local)
+                if flat >= len(pipelines[m.name].flat) or (flat and local.startswith(m.everywhere)):
+                    continue  # a tower repeated over the stages, or a tensor on every stage: seen before (§4.6)
                 full = local_to_full(layout, local, flat, pipelines, e, per_rank)
                 if origin.setdefault(full, (flat, e)) != (flat, e):
                     raise BadInput(f"{found.files[(t, p, e)]}: {local!r} is also on another stage as {full!r}")
                 shards.setdefault(full, {})[t] = ref
-    refs = {}
     for name, by_rank in shards.items():
         missing = sorted(set(range(found.tp)) - set(by_rank))
         if missing:
             flat, e = origin[name]
             raise BadInput(f"{name!r} is missing from TP rank {missing[0]} "
                            f"({fmt.rank_dir(missing[0], flat % pp, e, pp, found.ep)})")
-        refs[name] = merged_ref(name, [by_rank[t] for t in range(found.tp)], layout.split_of(name), cfg,
-                                layout.vocab_size(cfg))
-    return MegatronSource(refs, list(found.files.values()), found.tp, found.ep, pipelines, found.iteration)
+    tps = {m.name: module_tp([n for n in shards if layout.modality_of(n) is m], shards, found.tp, layout)
+           for m in layout.modalities}
+    refs = {name: merged_ref(name, [by_rank[t] for t in range(tps[layout.modality_of(name).name])],
+                             layout.split_of(name), cfg, layout.vocab_size(cfg))
+            for name, by_rank in shards.items()}
+    return MegatronSource(refs, list(found.files.values()), tps, found.ep, pipelines, found.iteration)
+
+
+def module_tp(names: list[str], shards: dict[str, dict[int, TensorRef]], folders: int, layout: MegatronLayout) -> int:
+    """A modality's own TP size: the smallest size s dividing the TP folders such that folder r holds
+    the bytes of folder r mod s for each of its split tensors (spec §3.5). A wrong size shows a
+    difference at once; only the right one reads the repeated shards through."""
+    split = [n for n in names if layout.split_of(n).kind != "replicated" and shards[n][0].shape]
+    for size in (s for s in range(1, folders) if folders % s == 0):
+        if all(_same(shards[n][r], shards[n][r % size]) for n in split for r in range(size, folders)):
+            return size
+    return folders
+
+
+def _same(a: TensorRef, b: TensorRef) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and raw_bytes(a.read()).equal(raw_bytes(b.read()))
 
 
 def merged_ref(name: str, shards: list[TensorRef], split: TpSplit, cfg: Config, vocab: int | None) -> TensorRef:

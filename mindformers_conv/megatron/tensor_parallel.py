@@ -26,14 +26,17 @@ Piece = tuple[int, int]  # [start, stop) on the split axis of the full (padded) 
 class TpSplit:
     """How one tensor is split over TP ranks: `row` (dim 0, column-parallel linear), `col` (dim 1,
     row-parallel linear), `glu` ([gate; up], each half split), `qkv` (whole KV-head groups; KV heads
-    replicated when there are fewer than ranks), `vocab` (rows padded to a TP multiple), `replicated`."""
+    replicated when there are fewer than ranks), `vocab` (rows padded to a TP multiple), `replicated`;
+    and MindSpeed-MM's unaligned splits (spec §3.1, InternVL): `uneven` (rows dealt out, the first
+    n mod tp ranks one more), `uneven_qkv` ([Q; K; V], each third by whole heads, unevenly) and
+    `uneven_col` (columns by whole heads, unevenly)."""
 
     kind: str
     heads: Heads | None = None  # qkv: (query heads, kv heads, head_dim) from the config
 
     @property
     def dim(self) -> int:
-        return 1 if self.kind == "col" else 0
+        return 1 if self.kind in ("col", "uneven_col") else 0
 
     def axis_length(self, shape: Shape, tp: int, divisible_by: int = 1) -> int:
         """Length of the split axis in the sharded layout (the vocab padded, else the tensor's own)."""
@@ -48,7 +51,7 @@ class TpSplit:
         if self.kind == "replicated" or not shape:
             n = shape[0] if shape else 0
             return [[(0, n)] for _ in range(tp)]
-        if self.kind == "col" and len(shape) < 2:
+        if self.dim == 1 and len(shape) < 2:
             raise UsageError(f"a column split needs a matrix, got shape {list(shape)}")
         if tp == 1:
             return [[(0, self.axis_length(shape, tp, divisible_by))]]
@@ -63,6 +66,10 @@ class TpSplit:
             return [[(a, b), (half + a, half + b)] for a, b in gates]
         if self.kind == "qkv":
             return _qkv_pieces(n, tp, self.heads(cfg))
+        if self.kind == "uneven":
+            return [[part] for part in _uneven(n, tp, "rows")]
+        if self.kind in ("uneven_qkv", "uneven_col"):
+            return _head_pieces(n, tp, self.heads(cfg)[0], 3 if self.kind == "uneven_qkv" else 1)
         raise ValueError(f"unknown TP split kind {self.kind!r}")
 
 
@@ -73,8 +80,19 @@ VOCAB = TpSplit("vocab")
 REPLICATED = TpSplit("replicated")
 
 
+UNEVEN = TpSplit("uneven")
+
+
 def qkv(heads: Heads) -> TpSplit:
     return TpSplit("qkv", heads)
+
+
+def uneven_qkv(heads: Heads) -> TpSplit:
+    return TpSplit("uneven_qkv", heads)
+
+
+def uneven_col(heads: Heads) -> TpSplit:
+    return TpSplit("uneven_col", heads)
 
 
 def padded_vocab(rows: int, tp: int, divisible_by: int = 1) -> int:
@@ -88,6 +106,24 @@ def _equal(n: int, tp: int, what: str) -> list[Piece]:
         raise UsageError(f"{n} {what} do not divide over --tp {tp}")
     size = n // tp
     return [(r * size, (r + 1) * size) for r in range(tp)]
+
+
+def _uneven(n: int, tp: int, what: str) -> list[Piece]:
+    """[start, stop) per rank: n // tp each, one more for the first n % tp ranks (none left empty)."""
+    if n < tp:
+        raise UsageError(f"{n} {what} do not spread over --tp {tp}")
+    size, extra = divmod(n, tp)
+    starts = [r * size + min(r, extra) for r in range(tp + 1)]
+    return list(zip(starts, starts[1:]))
+
+
+def _head_pieces(n: int, tp: int, heads: int, parts: int) -> list[list[Piece]]:
+    """Each of `parts` equal parts of the axis ([Q; K; V]: 3) cut by whole heads, unevenly (spec §3.1)."""
+    if n % (parts * heads):
+        raise BadInput(f"{n} rows/columns are not {parts} part(s) of {heads} heads")
+    part, per_head = n // parts, n // parts // heads
+    return [[(k * part + a * per_head, k * part + b * per_head) for k in range(parts)]
+            for a, b in _uneven(heads, tp, "heads")]
 
 
 def _qkv_pieces(rows: int, tp: int, heads: tuple[int, int, int]) -> list[list[Piece]]:

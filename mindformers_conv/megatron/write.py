@@ -21,7 +21,7 @@ from ..formats.outputs import FileSpec, Layout
 from ..formats.torch_pickle import PickleWriter
 from ..outfile import OutputFile
 from ..plan import Plan
-from ..tensor_ref import ByteSource, FileRanges, MemoryBytes, TensorRef, concat_sources, numel
+from ..tensor_ref import ByteSource, MemoryBytes, concat_sources, numel
 from .layout import MegatronLayout, Parallel, Placement, place
 from .tensor_parallel import shard
 from ..lazy import torch
@@ -55,7 +55,7 @@ def plan_rank_files(plan: Plan, layout: MegatronLayout, par: Parallel, root: Pat
 
 
 def _padded(p: Placement, par: Parallel) -> int:
-    return p.split.axis_length(p.shape, par.tp, par.vocab_divisible_by)
+    return p.split.axis_length(p.shape, p.tp, par.vocab_divisible_by)
 
 
 def as_layout(files: list[RankFile], root: Path) -> Layout:
@@ -154,10 +154,8 @@ class _Full:
 
     def tensor(self) -> torch.Tensor:
         if self._tensor is None:
-            if isinstance(self.source, FileRanges):
-                self._tensor = TensorRef("", self.p.dtype, self.p.shape, self.source.ranges).read()
-            else:
-                flat = b"".join(bytes(piece) for piece in self.source.pieces()) \
-                    if not isinstance(self.source, MemoryBytes) else self.source.data
-                self._tensor = torch.frombuffer(flat, dtype=torch.uint8).view(self.p.dtype.torch).reshape(self.p.shape)
+            nbytes = self.source.nbytes
+            raw = self.source.view(0, nbytes, memoryview(bytearray(nbytes)))
+            flat = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+            self._tensor = flat.view(self.p.dtype.torch).reshape(self.p.shape)
         return self._tensor

@@ -6,8 +6,9 @@ gate/up halves, proj and fc2 columns, vocab rows). `gpt_rules` / `gpt_tp` serve 
 family (qwen2 with its q/k/v biases, mixtral with experts, the Qwen2-VL text decoder under a prefix).
 """
 
-from mindformers_conv.mapping import ModelSpec, drop_hf, equal_parts, invert, qkv_grouped, rename, split, transform
-from mindformers_conv.megatron.layout import MegatronLayout, Modality, attention_heads
+from mindformers_conv.mapping import (ModelSpec, config_heads, drop_hf, equal_parts, invert, qkv_grouped, rename, split,
+                                      transform)
+from mindformers_conv.megatron.layout import MegatronLayout, Modality
 from mindformers_conv.megatron.tensor_parallel import COL, GLU, VOCAB, qkv
 from mindformers_conv.registry import register_megatron
 
@@ -56,8 +57,7 @@ def gpt_tp(heads, mg: str = "") -> tuple:
     )
 
 
-HEADS = attention_heads()
-GPT_LAYOUT = MegatronLayout(modalities=(gpt_modality(),), tp_rules=gpt_tp(HEADS),
+GPT_LAYOUT = MegatronLayout(modalities=(gpt_modality(),), tp_rules=gpt_tp(config_heads),
                             tied=("output_layer.weight", "embedding.word_embeddings.weight"))
 
 LLAMA_MEGATRON = register_megatron(ModelSpec(
@@ -66,7 +66,7 @@ LLAMA_MEGATRON = register_megatron(ModelSpec(
     model_types=LLAMA.model_types,
     architectures=LLAMA.architectures,
     tied=LLAMA.tied,
-    rules=gpt_rules(HEADS),
+    rules=gpt_rules(config_heads),
     extra_rules=(),
     megatron=GPT_LAYOUT,
 ))

@@ -16,13 +16,13 @@ from dataclasses import replace
 from models.llama.megatron import GATE_UP, gpt_rules, gpt_tp
 from models.qwen2_vl.declaration import HF_BLOCK, QWEN2_VL, QWEN2_VL_LAYOUT, TEXT, TEXT_HEADS, VISION, VISION_TP, VIT
 
-from mindformers_conv.mapping import Pattern, Rule, compose, equal_parts, invert, qkv_grouped, rename, split, transform
-from mindformers_conv.megatron.layout import attention_heads
+from mindformers_conv.mapping import (Pattern, Rule, attention_heads, compose, equal_parts, invert, qkv_grouped, rename,
+                                      split, transform)
 from mindformers_conv.megatron.tensor_parallel import GLU, qkv
 from mindformers_conv.registry import register_megatron
 
 # vision_config.hidden_size is the ViT width here (Qwen2-VL: embed_dim; out_hidden_size is the LLM's).
-VIT_HEADS = attention_heads("vision_config", heads="num_heads", kv=None, hidden="hidden_size")
+VIT_HEADS = attention_heads("vision_config", heads=("num_heads",), kv=None, hidden="hidden_size")
 QKV, FC1 = f"{VIT}.self_attention.linear_qkv.{{p}}", f"{VIT}.mlp.linear_fc1.{{p}}"
 _REPLACED = {f"{HF_BLOCK}.attn.qkv.{{p}}", f"{HF_BLOCK}.mlp.fc1.{{p}}", f"{HF_BLOCK}.mlp.fc2.{{p}}"}
 

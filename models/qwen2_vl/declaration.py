@@ -8,15 +8,16 @@ it converts with `--target megatron` (and back from a Megatron folder) only.
 
 from models.llama.megatron import gpt_modality, gpt_rules, gpt_tp
 
-from mindformers_conv.mapping import ModelSpec, compose, equal_parts, invert, qkv_grouped, rename, split, transform
-from mindformers_conv.megatron.layout import MegatronLayout, Modality, attention_heads, config_section
+from mindformers_conv.mapping import (ModelSpec, attention_heads, compose, config_section, equal_parts, invert, qkv_grouped,
+                                      rename, split, transform)
+from mindformers_conv.megatron.layout import MegatronLayout, Modality
 from mindformers_conv.megatron.tensor_parallel import COL, ROW, qkv
 from mindformers_conv.registry import register_megatron
 
 HF_BLOCK, VIT = "visual.blocks.{i}", "image_encoder.encoder.blocks.layers.{i}"
 TEXT_HEADS = attention_heads("text_config")
 # ViT attention is per head: as many "KV groups" as heads, one query head each (spec §2.4 RelocateOp).
-VIT_HEADS = attention_heads("vision_config", heads="num_heads", kv=None, hidden="embed_dim")
+VIT_HEADS = attention_heads("vision_config", heads=("num_heads",), kv=None, hidden="embed_dim")
 # HF [Q; K; V] → per-head [q_h; k_h; v_h].
 VIT_QKV = compose(split(equal_parts(3)), invert(qkv_grouped(VIT_HEADS)))
 

@@ -1,0 +1,1 @@
+"""DeepSeek-VL2: HF (remote code) ↔ MindSpeed-MM Megatron layout."""

@@ -1,0 +1,1 @@
+"""GLM-4.1V: HF ↔ MindSpeed-MM Megatron layout."""

@@ -1,0 +1,1 @@
+"""InternVL 2.5 / 3: HF (remote-code InternVLChatModel) ↔ MindSpeed-MM Megatron layout."""

@@ -1,0 +1,5 @@
+"""`from models.qwen2_5.convert_reversed import convert_ms_to_pt` — MindSpore → HF, as in MindFormers."""
+
+from mindformers_conv.api import converter
+
+convert_ms_to_pt = converter("qwen2_5", reverse=True)

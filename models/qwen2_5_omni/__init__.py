@@ -1,0 +1,1 @@
+"""Qwen2.5-Omni (thinker): HF ↔ MindSpeed-MM Megatron layout."""

@@ -1,0 +1,1 @@
+"""Qwen3-VL: HF ↔ MindSpeed-MM Megatron layout."""

@@ -1,0 +1,1 @@
+"""Qwen3-VL-MoE: HF ↔ MindSpeed-MM Megatron layout."""

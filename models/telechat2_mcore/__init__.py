@@ -1,0 +1,1 @@
+"""The telechat2-mcore key: MindFormers 2.x mcore (GPTModel) names."""
