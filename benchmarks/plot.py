@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 GIB, MIB = 1 << 30, 1 << 20
 SERIES = [("HF→MS bf16 .ckpt", "ours HF→MS", "C0", "o-"), ("MS→HF bf16 folder", "ours MS→HF", "C0", "s--"),
@@ -34,15 +35,17 @@ def main() -> int:
         time_ax.plot(size, wall, style, color=color, label=label)
         if step != "cp -r":  # cp's RSS is the measuring process's own floor
             rss_ax.plot(size, rss, style, color=color, label=label)
-    for label in sorted({(r["model_bytes"] / GIB, r["model"]) for r in rows}):
-        rss_ax.annotate(label[1], (label[0], 1), textcoords="offset points", xytext=(0, 4), rotation=90,
-                        fontsize=7, color="0.4", xycoords=("data", "axes fraction"), va="top")
-    time_ax.set(xlabel="model size (GiB, bf16)", ylabel="wall time (s)", yscale="log",
+    for size, model in sorted({(r["model_bytes"] / GIB, r["model"]) for r in rows}):
+        rss_ax.annotate(model, (size, 0.5), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                        color="0.4", ha="center", va="center")
+    time_ax.set(xlabel="model size (GiB, bf16)", ylabel="wall time (s)", xscale="log", yscale="log",
                 title="wall time, warm page cache")
-    rss_ax.set(xlabel="model size (GiB, bf16)", ylabel="peak RSS (MiB)", yscale="log", title="peak RSS")
+    rss_ax.set(xlabel="model size (GiB, bf16)", ylabel="peak RSS (MiB)", xscale="log", yscale="log", title="peak RSS")
     for ax in (time_ax, rss_ax):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.legend(fontsize=8, loc="center right")
     fig.suptitle(f"mindformers-conv vs MindFormers v1.3.2 (llama, bf16) — {figures['date']}, {figures['machine']}",
                  fontsize=8)
     fig.tight_layout()

@@ -189,6 +189,8 @@ AUTO_JOBS_BYTES = 1 << 30  # below this, forking workers costs more than it save
 def _jobs(asked: int | None, plan: Plan) -> int:
     if asked is not None:
         return max(1, asked)
+    if distributed.launched():  # torchrun already starts a process per core
+        return 1
     return os.cpu_count() or 1 if plan.total_bytes >= AUTO_JOBS_BYTES else 1
 
 

@@ -88,12 +88,15 @@ def detect(cfg: dict, names: list[str], reverse: bool) -> tuple[ModelSpec, str]:
     if len({m.family or m.key for m in by_config}) > 1:  # e.g. model_type "chatglm": ChatGLM-6B and GLM2-4
         by_names = _by_names(by_config, cfg, names, reverse)
         by_config, evidence = (by_names, f"{evidence} and the tensor names") if by_names else (by_config, evidence)
-    if by_config:
+    if by_config and (len(by_config) > 1 or _by_names(by_config, cfg, names, reverse)):
         return _one(by_config, evidence), evidence
-    fits = _by_names(models, cfg, names, reverse)
+    fits = _by_names([m for m in models if m not in by_config], cfg, names, reverse)
+    if by_config and not fits:
+        return _one(by_config, evidence), evidence  # the plan then names the tensor it does not know
+    evidence = "the tensor names" + (f" ({evidence} names a layout they do not fit)" if by_config else "")
     if not fits:
         raise BadInput("--model auto: no registered model knows these tensor names; pass --model")
-    return _one(fits, "the tensor names"), "the tensor names"
+    return _one(fits, evidence), evidence
 
 
 def resolve(spec: ModelSpec, cfg: dict, names: list[str], reverse: bool) -> tuple[ModelSpec, str | None]:

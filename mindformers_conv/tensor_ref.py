@@ -264,13 +264,14 @@ class CastBytes(ByteSource):
     def _cast(self, start: int, length: int):
         first, count = self._elements(start, length)
         size = self.from_dtype.itemsize
-        inp, out = _reused("in", self.from_dtype), _reused("out", self.dtype)
+        step = max(1, min(CAST_CHUNK, count))
+        inp, out = _reused("in", self.from_dtype, step), _reused("out", self.dtype, step)
         scratch = memoryview(inp.view(torch.uint8).numpy()).cast("B")
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # chunks are too small to share: a busy second core makes every op wait for it
         try:
-            for at in range(first, first + count, CAST_CHUNK):
-                n = min(CAST_CHUNK, first + count - at)
+            for at in range(first, first + count, step):
+                n = min(step, first + count - at)
                 raw = self.source.view(at * size, n * size, scratch)
                 if raw.readonly:  # torch.frombuffer wants a writable buffer
                     scratch[:len(raw)] = raw
@@ -284,9 +285,9 @@ class CastBytes(ByteSource):
 _REUSED: dict[tuple[str, str], torch.Tensor] = {}
 
 
-def _reused(role: str, dtype: DType) -> torch.Tensor:
-    """The process's one CAST_CHUNK buffer per role and dtype (casts run one at a time)."""
+def _reused(role: str, dtype: DType, count: int) -> torch.Tensor:
+    """The process's one buffer per role and dtype, of at least `count` elements (casts run one at a time)."""
     key = (role, dtype.code)
-    if key not in _REUSED:
-        _REUSED[key] = torch.empty(CAST_CHUNK, dtype=dtype.torch)
+    if key not in _REUSED or _REUSED[key].numel() < count:
+        _REUSED[key] = torch.empty(count, dtype=dtype.torch)
     return _REUSED[key]

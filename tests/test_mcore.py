@@ -273,6 +273,17 @@ def test_model_auto_keeps_qwen2_on_the_legacy_layout(cli, hf, tmp_path):
     assert result.code == 0 and "model: qwen2 (detected from config.json" in result.out, result.out + result.err
 
 
+def test_model_auto_reverse_of_mcore_names_with_a_qwen2_config_picks_qwen2_mcore(cli, hf, tmp_path):
+    """config.json says qwen2 (the legacy key), but the names are mcore ones: the names decide, and say so."""
+    ckpt, back = tmp_path / "m.ckpt", tmp_path / "back"
+    forward_ok(cli, "qwen2-mcore", hf["qwen2-mcore"], ckpt)
+    result = cli("--model", "auto", "--reversed", "--input_path", ckpt, "--output_path", f"{back}/",
+                 "--config_path", hf["qwen2-mcore"])
+    assert result.code == 0, result.err
+    assert "model: qwen2-mcore (detected from the tensor names (config.json model_type 'qwen2'" in result.out
+    assert_same_tensors(tensors_of(back), tensors_of(hf["qwen2-mcore"]))
+
+
 def test_a_missing_expert_projection_is_named(cli, hf, tmp_path):
     from safetensors.torch import load_file
 

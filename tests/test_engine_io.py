@@ -1,0 +1,215 @@
+"""How bytes move: in-kernel copies (with their fallbacks), streaming casts, each source byte read once."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from mindformers_conv import dtypes, outfile
+from mindformers_conv import tensor_ref
+from mindformers_conv.synthetic import LlamaShape
+from mindformers_conv.tensor_ref import CastBytes, FileRanges, MemoryBytes, raw_bytes
+
+WIDE = LlamaShape(vocab_size=1024, hidden_size=256, intermediate_size=640, num_hidden_layers=3,
+                  num_attention_heads=8, num_key_value_heads=2)  # fused q/k/v ≈ 192 KiB a layer in bf16
+
+
+def run_ok(cli, *argv):
+    result = cli(*argv)
+    assert result.code == 0, result.err
+    return result
+
+
+def files_of(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+# ---- in-kernel copies and their fallbacks ------------------------------------------------------------------
+
+OUTPUTS = [("ms.ckpt", []), ("ms/", ["--max_shard_size", "40000"]), ("ms.safetensors", [])]
+
+
+@pytest.mark.parametrize("target, extra", OUTPUTS, ids=["ckpt", "ms-folder", "safetensors"])
+def test_whole_tensors_are_copied_in_the_kernel(cli, tiny_llama, tmp_path, monkeypatch, target, extra):
+    hf = tiny_llama()
+    calls = []
+    real = outfile.KERNEL_COPIES[0]
+    monkeypatch.setattr(outfile, "KERNEL_COPIES", (lambda *a: calls.append(a[3]) or real(*a),))
+    run_ok(cli, "--model", "llama", "--input_path", hf, "--output_path", f"{tmp_path}/{target}", "--dtype", "bf16",
+           *extra)
+    assert len(calls) == len(LlamaShape().tensors())  # one copy_file_range per tensor: no byte went through us
+    assert sum(calls) == sum(numel * 2 for numel in (torch.Size(s).numel() for _, s in LlamaShape().tensors()))
+
+
+@pytest.mark.parametrize("target, extra", OUTPUTS, ids=["ckpt", "ms-folder", "safetensors"])
+@pytest.mark.parametrize("copies", ["sendfile", "read-write", "refused"])
+def test_copy_fallbacks_write_the_same_bytes(cli, tiny_llama, tmp_path, monkeypatch, target, extra, copies):
+    hf = tiny_llama()
+    argv = ["--model", "llama", "--input_path", hf, "--dtype", "bf16", *extra]
+    (tmp_path / "kernel").mkdir()
+    (tmp_path / "fallback").mkdir()
+    run_ok(cli, *argv, "--output_path", f"{tmp_path}/kernel/{target}")
+
+    def refuse(*args):
+        raise OSError(18, "Invalid cross-device link")  # EXDEV, as copy_file_range across file systems
+
+    sendfile = outfile.KERNEL_COPIES[1]
+    monkeypatch.setattr(outfile, "KERNEL_COPIES", {"sendfile": (sendfile,), "read-write": (),
+                                                   "refused": (refuse, refuse)}[copies])
+    run_ok(cli, *argv, "--output_path", f"{tmp_path}/fallback/{target}")
+    kernel, fallback = (tmp_path / name / target.rstrip("/") for name in ("kernel", "fallback"))
+    assert files_of(fallback) == files_of(kernel)
+
+
+def test_a_copy_error_that_is_not_unsupported_is_reported(tmp_path, monkeypatch):
+    source = tmp_path / "in.bin"
+    source.write_bytes(b"x" * 100)
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outfile, "KERNEL_COPIES", (full,))
+    out = outfile.OutputFile(tmp_path / "out.bin")
+    with pytest.raises(outfile.OutputError, match=r"cannot write .*out\.bin: disk full"):
+        out.copy_from(str(source), 0, 100)
+    out.abort()
+
+
+# ---- streaming casts -------------------------------------------------------------------------------------
+
+def special_values(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
+    """Random bits, including NaNs with payloads and signs, infinities, subnormals."""
+    bits = torch.randint(-(1 << 15), 1 << 15, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+    if dtype.itemsize == 2:
+        return bits.to(torch.int16).view(dtype)
+    wide = (bits.to(torch.int64) << 16 | torch.randint(0, 1 << 16, (n,), generator=torch.Generator().manual_seed(seed + 1)))
+    return wide.to(torch.int32).view(dtype)
+
+
+CASTS = [("BF16", "F32"), ("F32", "BF16"), ("F32", "F16"), ("F16", "F32"), ("F16", "BF16"), ("BF16", "F16")]
+
+
+@pytest.mark.parametrize("pair", CASTS, ids=["-".join(p) for p in CASTS])
+def test_a_streamed_cast_is_the_whole_tensor_cast(tmp_path, monkeypatch, pair):
+    monkeypatch.setattr(tensor_ref, "CAST_CHUNK", 7)  # many chunks, windows across them
+    source, target = (dtypes.BY_CODE[c] for c in pair)
+    x = special_values(source.torch, 1000, seed=3)
+    x[::97] = float("nan")
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"pad" + raw_bytes(x).numpy().tobytes())
+    expected = raw_bytes(dtypes.cast(x, target)).numpy().tobytes()
+    for stream in (FileRanges(((str(path), 3, x.numel() * source.itemsize),)), MemoryBytes.of(x)):
+        cast = CastBytes(stream, source, target)
+        assert cast.nbytes == len(expected)
+        assert b"".join(bytes(p) for p in cast.pieces()) == expected
+        size = target.itemsize
+        window = cast.window(13 * size, 500 * size)
+        assert b"".join(bytes(p) for p in window.pieces()) == expected[13 * size:513 * size]
+
+
+def test_a_window_that_splits_an_element_is_refused():
+    cast = CastBytes(MemoryBytes.of(torch.zeros(4, dtype=torch.bfloat16)), dtypes.BY_CODE["BF16"],
+                     dtypes.BY_CODE["F32"])
+    with pytest.raises(ValueError, match="splits a F32 element"):
+        cast.window(2, 4)
+
+
+def test_torch_writes_bf16_nans_into_fp32_exactly_so_that_cast_skips_the_nan_pass():
+    bf16, fp32 = dtypes.BY_CODE["BF16"], dtypes.BY_CODE["F32"]
+    assert dtypes._torch_keeps_nans(bf16, fp32)
+    assert not dtypes._torch_keeps_nans(fp32, bf16)  # narrowing: torch writes one canonical NaN
+    x = torch.tensor([0x7F81, 0xFFC1, 0x7FA5], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    wide = dtypes.cast(x, fp32)
+    assert wide.view(torch.int32).tolist() == [0x7F810000, -0x3F0000, 0x7FA50000]
+
+
+@pytest.mark.parametrize("qkv", [[], ["--qkv_concat"]], ids=["renames", "fused"])
+def test_casting_conversions_match_whole_tensor_casts(cli, tiny_llama, tmp_path, monkeypatch, qkv):
+    """fp32 output of a bf16 model, chunks smaller than every tensor, against each source tensor cast whole."""
+    monkeypatch.setattr(tensor_ref, "CAST_CHUNK", 100)
+    hf = tiny_llama()
+    run_ok(cli, "--model", "llama", "--input_path", hf, "--output_path", tmp_path / "ms.ckpt", *qkv)
+    run_ok(cli, "--model", "llama", "--reversed", "--input_path", tmp_path / "ms.ckpt", "--output_path",
+           tmp_path / "back.bin", "--dtype", "bf16", "--config_path", hf, *qkv)
+    from conftest import tensors_of
+    back, original = tensors_of(tmp_path / "back.bin"), tensors_of(hf)
+    assert back.keys() == original.keys()
+    for name, (code, shape, data) in original.items():
+        assert back[name][0] == code and back[name][1] == shape and back[name][2].equal(data), name
+    fp32 = tensors_of(tmp_path / "ms.ckpt")
+    embedding = fp32["model.tok_embeddings.embedding_weight"]
+    assert embedding[0] == "F32"
+    hf_embedding = original["model.embed_tokens.weight"][2].view(torch.bfloat16)
+    assert embedding[2].equal(raw_bytes(hf_embedding.float()))
+
+
+# ---- each source byte is read once ---------------------------------------------------------------------
+
+PROBE = """
+import sys
+from mindformers_conv.cli import main
+
+def rchar():
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+argv = sys.argv[1:]
+at = argv.index("--output_path") + 1
+warm = argv[:at] + [argv[at].rstrip("/") + "-warm/"] + argv[at + 1:]
+assert main(warm) == 0  # every lazy import happens here, not in the measured runs
+start = rchar()
+assert main(argv + ["--dry-run"]) == 0
+headers = rchar()
+assert main(argv) == 0
+print(headers - start, rchar() - headers)
+"""
+
+
+def reads(*argv) -> tuple[int, int]:
+    """Bytes read (rchar) by a --dry-run (headers, config) and by the conversion itself, in one fresh process."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, *map(str, argv), "--no-progress"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    dry, real = proc.stdout.split("\n")[-2].split()
+    return int(dry), int(real)
+
+
+def safetensors_data_bytes(folder: Path) -> int:
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+        total += file.stat().st_size - 8 - n
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/<pid>/io")
+def test_each_source_byte_is_read_once(tiny_llama, tmp_path):
+    hf = tiny_llama(WIDE, max_shard_bytes=1_000_000)
+    data = safetensors_data_bytes(hf)
+    assert len(list(hf.glob("*.safetensors"))) > 3
+    config = (hf / "config.json").stat().st_size  # the output folder gets a copy: read once more
+    fused = ["--qkv_concat"]
+    runs = {
+        "HF → MS folder, fused, cast to fp32": ("--model", "llama", "--input_path", hf, "--output_path",
+                                                f"{tmp_path / 'ms'}/", "--max_shard_size", "900000", *fused),
+        "HF → MS .ckpt, bf16 (kernel copies)": ("--model", "llama", "--input_path", hf, "--output_path",
+                                                tmp_path / "ms.ckpt", "--dtype", "bf16", *fused),
+    }
+    for label, argv in runs.items():
+        dry, real = reads(*argv)
+        extra = config if label.startswith("HF → MS folder") else 0
+        assert data + extra <= real - dry <= data + extra + 4096, (label, real - dry - data)
+    # the reverse splits the fused tensors again; outputs of one split land in different shards
+    dry, real = reads("--model", "llama", "--reversed", "--input_path", tmp_path / "ms.ckpt", "--output_path",
+                      f"{tmp_path / 'hf_back'}/", "--config_path", hf, "--max_shard_size", "300000", *fused)
+    assert data + config <= real - dry <= data + config + 4096, real - dry - data
