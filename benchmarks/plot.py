@@ -35,9 +35,6 @@ def main() -> int:
         time_ax.plot(size, wall, style, color=color, label=label)
         if step != "cp -r":  # cp's RSS is the measuring process's own floor
             rss_ax.plot(size, rss, style, color=color, label=label)
-    for size, model in sorted({(r["model_bytes"] / GIB, r["model"]) for r in rows}):
-        rss_ax.annotate(model, (size, 0.5), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
-                        color="0.4", ha="center", va="center")
     time_ax.set(xlabel="model size (GiB, bf16)", ylabel="wall time (s)", xscale="log", yscale="log",
                 title="wall time, warm page cache")
     rss_ax.set(xlabel="model size (GiB, bf16)", ylabel="peak RSS (MiB)", xscale="log", yscale="log", title="peak RSS")
@@ -45,10 +42,13 @@ def main() -> int:
         ax.grid(True, which="both", alpha=0.3)
         ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.legend(fontsize=8, loc="center right")
     fig.suptitle(f"mindformers-conv vs MindFormers v1.3.2 (llama, bf16) — {figures['date']}, {figures['machine']}",
                  fontsize=8)
-    fig.tight_layout()
+    handles, labels = time_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    models = ", ".join(f"{m} {size:.2f}" for size, m in sorted({(r["model_bytes"] / GIB, r["model"]) for r in rows}))
+    fig.text(0.5, 0.065, f"models (GiB): {models}", ha="center", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.1, 1, 0.97))
     fig.savefig(sys.argv[2], dpi=110)
     return 0
 

@@ -10,6 +10,7 @@ whose data are holes (sparse files, no disk used), for `--dry-run`, which must r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -70,9 +71,11 @@ def _build(model: Model, folder: Path) -> None:
 
 
 def _write_sparse(folder: Path, shape, shard_bytes: int | None) -> None:
-    """Real safetensors headers, shards and index; every data byte a hole (the file is truncated up)."""
+    """Real safetensors headers (our writer's), shards and index; every data byte a hole (truncated up)."""
     from mindformers_conv.dtypes import BY_CODE
     from mindformers_conv.formats import hf_safetensors
+    from mindformers_conv.formats.safetensors_file import SafetensorsWriter
+    from mindformers_conv.outfile import OutputFile
     from mindformers_conv.tensor_ref import numel
 
     bf16 = BY_CODE["BF16"]
@@ -81,17 +84,12 @@ def _write_sparse(folder: Path, shape, shard_bytes: int | None) -> None:
     folder.mkdir(parents=True)
     total = 0
     for file, shard in zip(names, shards):
-        header, offset = {"__metadata__": hf_safetensors.METADATA}, 0
-        for name, dtype, s in shard:
-            end = offset + numel(s) * dtype.itemsize
-            header[name] = {"dtype": dtype.code, "shape": list(s), "data_offsets": [offset, end]}
-            offset = end
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(folder / file, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            f.truncate(8 + len(raw) + offset)
-        total += offset
+        out = OutputFile(folder / file)
+        SafetensorsWriter(out, shard, hf_safetensors.METADATA)  # writes the header; no tensor is added
+        out.commit()
+        data = sum(numel(s) * dtype.itemsize for _, dtype, s in shard)
+        os.truncate(folder / file, out.position + data)
+        total += data
     weight_map = {name: file for file, shard in zip(names, shards) for name, _, _ in shard}
     (folder / hf_safetensors.INDEX).write_bytes(hf_safetensors.index_json(weight_map, total))
     (folder / "config.json").write_text(json.dumps(shape.config("BF16"), indent=2))

@@ -117,11 +117,12 @@ def _keep_nans(tensor: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _has_nan(tensor: torch.Tensor, source: DType) -> bool:
-    """On the bits: an integer mask and max is several times faster than isnan().any()."""
+    """On the bits, a million at a time: an integer mask and max is several times faster than isnan().any()."""
     total, mantissa = _FLOAT_BITS[source.code]
-    magnitude = tensor.reshape(-1).view(_int_view(source)) & ((1 << (total - 1)) - 1)
+    bits = tensor.reshape(-1).view(_int_view(source))
     infinity = ((1 << (total - 1 - mantissa)) - 1) << mantissa
-    return magnitude.numel() > 0 and int(magnitude.max()) > infinity
+    return any(int((bits[at:at + (1 << 20)] & ((1 << (total - 1)) - 1)).max()) > infinity
+               for at in range(0, bits.numel(), 1 << 20))
 
 
 @functools.cache

@@ -132,6 +132,13 @@ def test_torch_writes_bf16_nans_into_fp32_exactly_so_that_cast_skips_the_nan_pas
     assert wide.view(torch.int32).tolist() == [0x7F810000, -0x3F0000, 0x7FA50000]
 
 
+def test_a_nan_past_the_first_million_elements_keeps_its_payload():
+    x = torch.zeros((1 << 20) + 5, dtype=torch.float32)
+    x.view(torch.int32)[-2] = 0x7FA5A5A5  # a NaN whose top payload bits bf16 keeps
+    out = dtypes.cast(x, dtypes.BY_CODE["BF16"]).view(torch.int16)
+    assert out[-2].item() == 0x7FA5 and out[:-2].eq(0).all()
+
+
 @pytest.mark.parametrize("qkv", [[], ["--qkv_concat"]], ids=["renames", "fused"])
 def test_casting_conversions_match_whole_tensor_casts(cli, tiny_llama, tmp_path, monkeypatch, qkv):
     """fp32 output of a bf16 model, chunks smaller than every tensor, against each source tensor cast whole."""
