@@ -221,25 +221,28 @@ def _report(result: Result, seconds: float, options: Options) -> None:
     files = [str(f.path) for f in layout.files]
     where = str(layout.folder) if layout.folder else files[0]
     size = _human(plan.total_bytes)
+    lines = []  # written in one go: torchrun's ranks share stdout, which torchrun leaves unbuffered
     if result.model:
-        print(result.model)
+        lines.append(result.model)
     if options.dry_run:
-        print(f"plan ({plan.spec.key}, {direction}): read {len(result.source.refs)} tensors, "
+        lines.append(f"plan ({plan.spec.key}, {direction}): read {len(result.source.refs)} tensors, "
               f"{_human(result.source.total_bytes)} from {len(result.source.files)} file(s)")
-        print(f"  write {len(plan.tensors)} tensors, {size} ({dtypes}) into {len(files)} file(s) at {where}")
-        print(f"  predicted peak memory: {_human(plan.peak_work_bytes)} for tensor data (largest recipe)")
+        lines.append(f"  write {len(plan.tensors)} tensors, {size} ({dtypes}) into {len(files)} file(s) at {where}")
+        lines.append(f"  predicted peak memory: {_human(plan.peak_work_bytes)} for tensor data (largest recipe)")
     else:
         rate = f", {_human(plan.total_bytes / seconds)}/s" if seconds > 0 else ""
-        print(f"{plan.spec.key}: {direction}: wrote {len(plan.tensors)} tensors, {size} ({dtypes}) "
+        lines.append(f"{plan.spec.key}: {direction}: wrote {len(plan.tensors)} tensors, {size} ({dtypes}) "
               f"to {where} in {seconds:.1f} s{rate}")
     for reason, names in plan.dropped.items():
-        print(f"  left out {len(names)} ({reason}): {_sample(names)}")
+        lines.append(f"  left out {len(names)} ({reason}): {_sample(names)}")
     if plan.unmapped:
-        print(f"  left out {len(plan.unmapped)} unmapped (--allow-unmapped): {_sample(plan.unmapped)}")
+        lines.append(f"  left out {len(plan.unmapped)} unmapped (--allow-unmapped): {_sample(plan.unmapped)}")
     if result.verified is not None:
-        print(f"  verified: {result.verified} tensors convert back byte-identical")
+        lines.append(f"  verified: {result.verified} tensors convert back byte-identical")
     if result.share:
-        print(f"  {result.share}")
+        lines.append(f"  {result.share}")
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    sys.stdout.flush()
 
 
 def _sample(names: list[str]) -> str:
