@@ -10,16 +10,16 @@ from . import fp8, lora, registry
 from . import distributed
 from .dtypes import DType, parse_user_dtype
 from .errors import BadInput, UsageError, VerifyMismatch
-from .execute import execute
+from .execute import as_refs, execute
 from .formats import checkpoint2
 from .formats.inputs import Source, open_input
 from .formats.ms_ckpt import SLICE_BYTES
-from .formats.outputs import Layout, lora_rank, output_kind, plan_layout
+from .formats.outputs import Layout, output_kind, plan_layout
 from .mapping import Config, ModelSpec
 from .jsonfile import read_object
 from .mf_config import read_yaml_config
 from .outfile import make_folder
-from .plan import Plan, as_refs, build_plan
+from .plan import Plan, build_plan
 from .verify import verify
 
 
@@ -133,7 +133,8 @@ def convert(spec: ModelSpec | None, input_path: str, output_path: str, *, revers
     plan = build_plan(spec, source.refs, reverse=reverse, dtype=options.dtype, cfg=cfg,
                       allow_unmapped=options.allow_unmapped, keep_tied=not hf_files, mindformers_defaults=not relayout,
                       hf_default=config_dtype(cfg) if hf_files else None)
-    peft = lora.read_adapter_config(source.folder)
+    adapter = cfg.get("is_lora") or reverse and any(lora.is_hf_lora(name) for name, _, _ in plan.entries)
+    peft = lora.read_adapter_config(source.folder) if adapter else None  # only a LoRA output needs it
     if options.target == "checkpoint2":
         layout = checkpoint2.plan_layout(output_path, reverse, plan.entries, options.max_shard_bytes, options.parallel)
     else:
@@ -176,11 +177,8 @@ def _add_renamed_adapter_config(layout: Layout, plan: Plan, rules, alpha: float 
     sources = [(s.name, s.dtype, s.shape) for t in plan.tensors for s in t.group.sources if lora.is_hf_lora(s.name)]
     if not sources:
         raise BadInput("--is_lora: the input has no LoRA parameters (expected a PEFT adapter_model.safetensors)")
-    rank = lora_rank(sources)
-    names = [e[0] for e in sources]
     folder = layout.folder or layout.files[0].path.parent
-    layout.extras[folder / lora.ADAPTER_CONFIG] = lora.adapter_config(names, rank, alpha, peft,
-                                                                       lora.module_renames(rules))
+    layout.extras[folder / lora.ADAPTER_CONFIG] = lora.adapter_config(sources, alpha, peft, lora.module_renames(rules))
 
 
 AUTO_JOBS_BYTES = 1 << 30  # below this, forking workers costs more than it saves

@@ -16,30 +16,50 @@ from .formats.ms_ckpt import SLICE_BYTES
 from .formats.outputs import CARRIED_FILES, Layout
 from .outfile import OutputFile
 from .plan import Plan, Planned
-from .tensor_ref import ByteSource, MemoryBytes, cast_source, numel
+from .tensor_ref import ByteSource, MemoryBytes, TensorRef, cast_source, numel
 from .lazy import torch
 
 
 class GroupOutputs:
-    """Computes a rule group once and hands out its outputs one by one (a split reads its source once)."""
+    """Computes a rule group once and hands out its outputs one by one (a split reads its source once);
+    the group is let go when its last output has been taken."""
 
     def __init__(self):
         self._live: dict[int, list] = {}
 
-    def bytes_of(self, planned: Planned) -> ByteSource:
+    def tensor(self, planned: Planned) -> torch.Tensor:
+        """The output before its cast to `planned.dtype`."""
         group = planned.group
-        if group.rule.op.zero_copy:  # a rename: file to file, or cast on the way
-            ref = group.sources[planned.index]
-            return cast_source(ref.source(), ref.dtype, planned.dtype)
         key = id(group)
         if key not in self._live:
             self._live[key] = [group.compute_uncast(), len(group.targets)]
         entry = self._live[key]
-        tensor: torch.Tensor = entry[0][planned.index]
         entry[1] -= 1
         if entry[1] == 0:
             del self._live[key]
+        return entry[0][planned.index]
+
+    def bytes_of(self, planned: Planned) -> ByteSource:
+        if planned.group.rule.op.zero_copy:  # a rename: file to file, or cast on the way
+            ref = planned.group.sources[planned.index]
+            return cast_source(ref.source(), ref.dtype, planned.dtype)
+        tensor = self.tensor(planned)
         return cast_source(MemoryBytes.of(tensor), dtypes.from_torch(tensor.dtype), planned.dtype)
+
+
+def as_refs(plan: Plan) -> dict[str, TensorRef]:
+    """A plan's outputs as lazy tensors, the source of another plan (MindSpore → MindSpore via the HF names).
+
+    Renamed tensors keep their file ranges (still zero-copy); a computed group runs once for all its outputs.
+    """
+    groups = GroupOutputs()
+
+    def ref(t: Planned) -> TensorRef:
+        if t.group.zero_copy:
+            return t.group.sources[t.index].renamed(t.name)
+        return TensorRef(t.name, t.dtype, t.shape, loader=lambda: dtypes.cast(groups.tensor(t), t.dtype))
+
+    return {t.name: ref(t) for t in plan.tensors}
 
 
 def execute(plan: Plan, layout: Layout, *, progress: bool = True, carry_from: Path | None = None,

@@ -56,7 +56,7 @@ def _inspect_megatron(path: str) -> dict:
     try:
         spec, evidence = registry.detect_megatron(load_config_in(Path(path), None, {}))
         family = {"key": spec.key, "from": evidence}
-    except ConvError as e:
+    except ConvError:
         family = {"key": None, "from": "no config.json in the folder (pass --model and --config_path to convert)"}
     layout = {"tp": found.tp, "pp": found.pp, "vpp": len(chunks), "ep": found.ep,
               "iteration": found.iteration if found.iteration is not None else "release"}

@@ -10,10 +10,11 @@ import re
 from pathlib import Path
 
 
+from .dtypes import DType
 from .errors import BadInput, UsageError
 from .jsonfile import read_object
 from .mapping import LORA_STYLES
-from .tensor_ref import TensorRef
+from .tensor_ref import Shape, TensorRef
 from .lazy import torch
 
 PEFT_PREFIX = "base_model.model."
@@ -93,14 +94,16 @@ def read_adapter_config(folder: Path) -> dict | None:
     return read_object(path) if path.is_file() else None
 
 
-def adapter_config(lora_names: list[str], rank: int, alpha: float | None, base: dict | None = None,
+def adapter_config(tensors: list[tuple[str, DType, Shape]], alpha: float | None, base: dict | None = None,
                    renames: dict[str, str] | None = None) -> bytes:
-    """A PEFT `adapter_config.json` for the adapted modules (HF names, or `renames` of them).
+    """A PEFT `adapter_config.json` for LoRA tensors (HF name, dtype, shape): `r` from an A's rows, the
+    adapted modules (HF names, or `renames` of them).
 
     `base`: the input's adapter_config.json, whose other settings are kept; `lora_alpha` only when known.
     """
+    rank = next(shape[0] for name, _, shape in tensors if ".lora_A." in name)
     modules = sorted({(renames or {}).get(m, m) for m in (HF_LORA.match(n)["module"].rsplit(".", 1)[-1]
-                                                           for n in lora_names)})
+                                                           for n, _, _ in tensors)})
     config = dict(base) if base else {"peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_dropout": 0.0,
                                       "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
     config.update(r=rank, target_modules=modules)

@@ -88,28 +88,6 @@ class Plan:
         return max((t.group.work_bytes for t in self.tensors), default=0)
 
 
-def as_refs(plan: Plan) -> dict[str, TensorRef]:
-    """A plan's outputs as lazy tensors, the source of another plan (MindSpore → MindSpore via the HF names).
-
-    Renamed tensors keep their file ranges (still zero-copy); a computed group runs once for all its
-    outputs while they are read one after another (the next plan reads a group's outputs together).
-    """
-    last: dict[int, list] = {}
-
-    def output(group: Group, index: int) -> torch.Tensor:
-        if id(group) not in last:
-            last.clear()
-            last[id(group)] = group.compute()
-        return last[id(group)][index]
-
-    def ref(t: Planned) -> TensorRef:
-        if t.group.zero_copy:
-            return t.group.sources[t.index].renamed(t.name)
-        return TensorRef(t.name, t.dtype, t.shape, loader=lambda: output(t.group, t.index))
-
-    return {t.name: ref(t) for t in plan.tensors}
-
-
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
@@ -119,8 +97,9 @@ def build_plan(spec: ModelSpec, refs: dict[str, TensorRef], *, reverse: bool, dt
     """Match every source name against the rules (first match wins) and derive the targets.
 
     `dtype` is the cast asked for; without it the forward uses the rule's or the model's MindFormers
-    default dtype (unless `mindformers_defaults` is off) and the reverse gives each tensor its rule's
-    `hf_dtype`, else `hf_default` (config.json's, for HF files), else keeps its dtype.
+    default dtype (unless `mindformers_defaults` is off); the reverse into HF files (`hf_default`:
+    config.json's dtype) gives each tensor its rule's `hf_dtype`, else `hf_default`; otherwise the
+    reverse keeps each tensor's dtype.
     """
     refs = _with_tied_alias(spec, refs, reverse, cfg)
     refs = _with_aliases(spec, refs) if reverse else refs
@@ -158,7 +137,7 @@ def build_plan(spec: ModelSpec, refs: dict[str, TensorRef], *, reverse: bool, dt
         target = dtype
         if target is None and mindformers_defaults and not reverse:
             target = dtypes.BY_CODE.get(rule.ms_dtype or spec.forward_dtype or "")
-        elif target is None and reverse:
+        elif target is None and hf_default is not None:
             target = dtypes.BY_CODE.get(rule.hf_dtype or "") or hf_default
         group = _group(rule, sources, dict(caps), reverse, cfg, target)
         for index, name in enumerate(group.targets):

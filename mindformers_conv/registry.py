@@ -85,11 +85,12 @@ def detect(cfg: dict, names: list[str], reverse: bool) -> tuple[ModelSpec, str]:
     """--model auto: from config.json (model_type, then architectures), else from the tensor names."""
     models = list(load_models().values())
     by_config, evidence = _by_config(models, cfg)
-    if len({m.family or m.key for m in by_config}) > 1:  # e.g. model_type "chatglm": ChatGLM-6B and GLM2-4
-        by_names = _by_names(by_config, cfg, names, reverse)
-        by_config, evidence = (by_names, f"{evidence} and the tensor names") if by_names else (by_config, evidence)
-    if by_config and (len(by_config) > 1 or _by_names(by_config, cfg, names, reverse)):
-        return _one(by_config, evidence), evidence
+    fitting = _by_names(by_config, cfg, names, reverse)
+    if fitting:
+        if len({m.family or m.key for m in by_config}) == 1:
+            return _one(by_config, evidence), evidence
+        evidence = f"{evidence} and the tensor names"  # e.g. model_type "chatglm": ChatGLM-6B and GLM2-4
+        return _one(fitting, evidence), evidence
     fits = _by_names([m for m in models if m not in by_config], cfg, names, reverse)
     if by_config and not fits:
         return _one(by_config, evidence), evidence  # the plan then names the tensor it does not know

@@ -291,3 +291,29 @@ def _reused(role: str, dtype: DType, count: int) -> torch.Tensor:
     if key not in _REUSED or _REUSED[key].numel() < count:
         _REUSED[key] = torch.empty(count, dtype=dtype.torch)
     return _REUSED[key]
+
+
+def from_chunks(name: str, dtype: DType, shape: Shape, chunks: list[tuple[Shape, TensorRef]], where) -> TensorRef:
+    """One tensor from its (offsets, chunk) pieces: the chunk itself, rows stacked as byte ranges, else a
+    loader filling one buffer (peak: the tensor plus one chunk). `where` names the checkpoint in errors."""
+    chunks.sort(key=lambda c: c[0])
+    if sum(numel(r.shape) for _, r in chunks) != numel(shape):
+        from .errors import BadInput
+        raise BadInput(f"{where}: the chunks of {name!r} do not cover its shape {list(shape)}")
+    if len(chunks) == 1:
+        return chunks[0][1].renamed(name)
+    rows = all(o[1:] == (0,) * (len(shape) - 1) and r.shape[1:] == shape[1:] for o, r in chunks)
+    if rows and all(r.ranges for _, r in chunks) and [o[0] for o, _ in chunks] == \
+            [sum(r.shape[0] for _, r in chunks[:i]) for i in range(len(chunks))]:
+        return TensorRef(name, dtype, shape, tuple(x for _, r in chunks for x in r.ranges))
+
+    def load():
+        full = torch.empty(shape, dtype=dtype.torch)
+        for offsets, ref in chunks:
+            view = full
+            for d, (o, n) in enumerate(zip(offsets, ref.shape)):
+                view = view.narrow(d, o, n)
+            view.copy_(ref.read())
+        return full
+
+    return TensorRef(name, dtype, shape, loader=load)

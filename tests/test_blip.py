@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import assert_same_tensors, example, tensors_of
-from test_vit import convert, dtype_flag, forward, ms_block, ms_names, random_state, round_trip, save_pth
+from test_vit import convert, dtype_flag, forward, ms_block, random_state, round_trip, save_pth
 
 W, FF, P, L = 8, 12, 5, 2  # EVA width, MLP width (EVA-g: 1408 / 6144), positions, blocks
 H, I, V, POS, QL, Q, E = 6, 10, 20, 7, 2, 3, 5  # Q-Former hidden, MLP, vocab, positions, layers, queries, embed

@@ -345,3 +345,13 @@ def test_fp32_router_bias_of_a_bf16_model_comes_back_fp32(cli, tmp_path):
     reverse_ok(cli, "glm4-moe", ckpt, f"{back}/", "--config_path", source)
     assert tensors_of(back)[bias][0] == "F32"
     assert_same_tensors(tensors_of(back), tensors_of(source))
+
+
+def test_mindspore_to_mindspore_keeps_a_bf16_router_bias_bf16(cli, hf, tmp_path):
+    """The hub's Float32 router bias is a HF-file matter: re-laying out a MindSpore checkpoint keeps dtypes."""
+    cast, again = tmp_path / "bf16.ckpt", tmp_path / "again.ckpt"
+    forward_ok(cli, "glm4-moe", hf["glm4-moe"], cast, "--dtype", "bf16")
+    result = cli("--model", "glm4-moe", "--input_path", cast, "--output_path", again, "--config_path", hf["glm4-moe"])
+    assert result.code == 0, result.err
+    assert tensors_of(again)["decoder.layers.1.mlp.router.expert_bias"][0] == "BF16"
+    assert_same_tensors(tensors_of(again), tensors_of(cast))

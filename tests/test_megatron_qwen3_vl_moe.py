@@ -6,7 +6,6 @@ stacked storage), and transformers loading the reversed folder."""
 import pytest
 import torch
 from conftest import assert_same_tensors, tensors_of
-from megatron_helpers import rank_files
 from test_megatron_qwen3_vl import convert, write_qwen3_vl
 
 E, I, H = 4, 32, 64

@@ -25,9 +25,8 @@ from pathlib import Path
 
 from .. import dtypes
 from ..errors import BadInput, UsageError
-from ..tensor_ref import Shape, TensorRef
+from ..tensor_ref import Shape, TensorRef, from_chunks
 from . import hf_safetensors, ms_safetensors, safetensors_file
-from .dcp import from_chunks
 from .megatron import TRACKER, tracker_text
 from .outputs import Entry, FileSpec, Layout
 

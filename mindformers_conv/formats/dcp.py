@@ -26,7 +26,7 @@ from pathlib import Path
 from .. import dtypes
 from ..errors import BadInput
 from ..outfile import OutputFile
-from ..tensor_ref import ByteSource, Shape, TensorRef, numel, sub_ranges
+from ..tensor_ref import ByteSource, Shape, TensorRef, from_chunks, numel, sub_ranges
 from . import megatron, torch_pickle
 from ..lazy import torch
 
@@ -236,30 +236,6 @@ def _inside(folder: Path, relative: str) -> Path:
     if path.parent != folder.resolve():
         raise BadInput(f"{folder / METADATA}: storage file {relative!r} is outside the checkpoint folder")
     return path
-
-
-def from_chunks(name: str, dtype, shape: Shape, chunks: list, folder: Path) -> TensorRef:
-    """One tensor from its chunks: the chunk itself, rows stacked as byte ranges, else a loader."""
-    chunks.sort(key=lambda c: c[0])
-    if sum(numel(r.shape) for _, r in chunks) != numel(shape):
-        raise BadInput(f"{folder}: the chunks of {name!r} do not cover its shape {list(shape)}")
-    if len(chunks) == 1:
-        return chunks[0][1].renamed(name)
-    rows = all(o[1:] == (0,) * (len(shape) - 1) and r.shape[1:] == shape[1:] for o, r in chunks)
-    if rows and all(r.ranges for _, r in chunks) and [o[0] for o, _ in chunks] == \
-            [sum(r.shape[0] for _, r in chunks[:i]) for i in range(len(chunks))]:
-        return TensorRef(name, dtype, shape, tuple(x for _, r in chunks for x in r.ranges))
-
-    def load():
-        full = torch.empty(shape, dtype=dtype.torch)
-        for offsets, ref in chunks:
-            view = full
-            for d, (o, n) in enumerate(zip(offsets, ref.shape)):
-                view = view.narrow(d, o, n)
-            view.copy_(ref.read())
-        return full
-
-    return TensorRef(name, dtype, shape, loader=load)
 
 
 def rows_prefix(ref: TensorRef, rows: int) -> TensorRef:

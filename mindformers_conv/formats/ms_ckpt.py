@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import dtypes
 from ..errors import BadInput
 from ..outfile import OutputFile
-from ..tensor_ref import ByteSource, Shape, TensorRef, numel
+from ..tensor_ref import ByteSource, Shape, TensorRef
 
 SLICE_BYTES = 512 * 1024 * 1024  # MindSpore serialization.SLICE_SIZE (KiB) × 1024
 _CRC_TRAILER = b"crc_num"  # save_checkpoint(crc_check=True) appends 'crc_num' + 10 bytes

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import BadInput
 from ..lazy import torch
 from ..outfile import OutputFile, make_folder
-from ..tensor_ref import ByteSource, MemoryBytes, Shape, TensorRef
+from ..tensor_ref import ByteSource, MemoryBytes, Shape, TensorRef, from_chunks
 from . import ms_ckpt, ms_safetensors, safetensors_file
 from .safetensors_file import SafetensorsWriter
 from .strategy import Layout, Strategy, read_strategy
@@ -148,21 +148,9 @@ def _merged(name: str, layout: Layout | None, holders: list[tuple[int, TensorRef
         if ref.shape != want or ref.dtype != holders[0][1].dtype:
             raise BadInput(f"rank_{rank}: slice {list(index)} of tensor {name!r} is {ref.dtype.code}{list(ref.shape)}, "
                            f"expected {holders[0][1].dtype.code}{list(want)} like the others")
-    shape = tuple(sum(e) for e in extents)
-    ordered = [pieces[index][1] for index in itertools.product(*map(range, grid))]
-    if all(n == 1 for n in grid[1:]) and all(r.ranges or not r.nbytes for r in ordered):
-        return TensorRef(name, ordered[0].dtype, shape, tuple(x for r in ordered for x in r.ranges))
-    return TensorRef(name, ordered[0].dtype, shape, loader=lambda: _assemble(ordered[0].dtype, shape, extents, pieces))
-
-
-def _assemble(dtype, shape, extents: list[list[int]], pieces: dict) -> torch.Tensor:
-    """The whole tensor, written slice by slice into one buffer (peak: the tensor plus one slice)."""
-    out = torch.empty(shape, dtype=dtype.torch)
     starts = [[sum(e[:i]) for i in range(len(e))] for e in extents]
-    for index, (_, ref) in pieces.items():
-        region = tuple(slice(starts[a][i], starts[a][i] + extents[a][i]) for a, i in enumerate(index))
-        out[region] = ref.read()
-    return out
+    chunks = [(tuple(starts[a][i] for a, i in enumerate(index)), ref) for index, (_, ref) in pieces.items()]
+    return from_chunks(name, holders[0][1].dtype, tuple(sum(e) for e in extents), chunks, "the rank files")
 
 
 def write_distributed(refs: dict[str, TensorRef], strategy: Strategy, folder: Path, fmt: str) -> list[Path]:

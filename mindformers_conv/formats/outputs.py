@@ -110,13 +110,7 @@ def _add_adapter(layout: Layout, entries: list[Entry], alpha: float | None, base
     folder = layout.folder / lora.ADAPTER_FOLDER if layout.files else layout.folder
     layout.files.append(FileSpec(folder / lora.ADAPTER_WEIGHTS, "safetensors", entries, hf_safetensors.METADATA,
                                  name_prefix=lora.PEFT_PREFIX))
-    layout.extras[folder / lora.ADAPTER_CONFIG] = lora.adapter_config([e[0] for e in entries], lora_rank(entries),
-                                                                      alpha, base)
-
-
-def lora_rank(entries: list[Entry]) -> int:
-    """r: the rows of a HF LoRA A."""
-    return next(e[2][0] for e in entries if ".lora_A." in e[0])
+    layout.extras[folder / lora.ADAPTER_CONFIG] = lora.adapter_config(entries, alpha, base)
 
 
 def parse_size(text: str) -> int:
