@@ -161,10 +161,11 @@ def test_qwen2_values_are_the_hf_tensors_unchanged(cli, qwen2_hf, tmp_path):
     assert torch.equal(got["lm_head.weight"], head)
 
 
-def test_qwen2_ckpt_loads_in_mindspore(cli, qwen2_hf, tmp_path):
+@pytest.mark.parametrize("key, dtype", [("qwen2", "F32"), ("qwen2_5", "BF16")])
+def test_qwen2_ckpt_loads_in_mindspore(cli, qwen2_hf, tmp_path, key, dtype):
     _, hf = qwen2_hf
-    forward_ok(cli, "qwen2", hf, tmp_path / "q.ckpt")
-    assert_loads_in_mindspore(tmp_path / "q.ckpt", dense_names(bias=True, dtype="F32"))
+    forward_ok(cli, key, hf, tmp_path / "q.ckpt")
+    assert_loads_in_mindspore(tmp_path / "q.ckpt", dense_names(bias=True, dtype=dtype))
 
 
 @pytest.mark.parametrize("key", ["qwen2", "qwen1_5", "qwen2_5"])
