@@ -6,12 +6,11 @@
 
 import sys
 
-from mindformers_conv.api import converter
+from mindformers_conv.api import ConvertMap
 from mindformers_conv.cli import main
-from mindformers_conv.registry import load_models
 
-convert_map = {key: converter(key, reverse=False) for key in load_models()}
-reversed_convert_map = {key: converter(key, reverse=True) for key in load_models()}
+convert_map = ConvertMap(reverse=False)
+reversed_convert_map = ConvertMap(reverse=True)
 
 if __name__ == "__main__":
     sys.exit(main())

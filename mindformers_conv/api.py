@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Callable
 
 from .convert import SIZE_KEYS, Options, convert
@@ -40,3 +41,22 @@ def converter(key: str, reverse: bool) -> Callable[..., bool]:
     direction = "MindSpore → HF" if reverse else "HF → MindSpore"
     run.__doc__ = f"Convert a {key} checkpoint {direction}; returns True, raises ConvError on failure."
     return run
+
+
+class ConvertMap(Mapping):
+    """MindFormers' `convert_map` / `reversed_convert_map`: every registered key → its converter. The
+    declarations are imported on first use, so importing the root script stays cheap."""
+
+    def __init__(self, reverse: bool):
+        self.reverse = reverse
+
+    def __getitem__(self, key: str) -> Callable[..., bool]:
+        if key not in registry.load_models():
+            raise KeyError(key)
+        return converter(key, self.reverse)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.load_models())
+
+    def __len__(self) -> int:
+        return len(registry.load_models())

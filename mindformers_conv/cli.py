@@ -13,7 +13,6 @@ from .convert import Options, Result, convert
 from .dtypes import parse_user_dtype
 from .errors import ConvError, UsageError
 from .formats.outputs import parse_size
-from .inspection import diff_checkpoints, inspect_checkpoint
 from .megatron.run import megatron_spec
 
 
@@ -31,19 +30,26 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _ConvertParser(_Parser):
+    """Lists the model keys at the end of --help: built only then (it imports every declaration)."""
+
+    def format_help(self) -> str:
+        models = registry.load_models()
+        width = max(map(len, models)) + 1  # two spaces at least between a key and its description
+        keys = "\n".join(f"  {k:<{width}} {m.description}" for k, m in sorted(models.items()))
+        self.epilog = f"model keys:\n{keys}\n  {'auto':<{width}} detect from config.json or the tensor names"
+        return super().format_help()
+
+
 def _flag(parser: argparse.ArgumentParser, name: str, help: str, default: bool | None = False) -> None:
     """A boolean that is on when given bare and also takes true/false/1/0 (None default: not given)."""
     parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    models = registry.load_models()
-    width = max(map(len, models)) + 1  # two spaces at least between a key and its description
-    keys = "\n".join(f"  {k:<{width}} {m.description}" for k, m in sorted(models.items()))
-    p = _Parser(prog="convert_weight.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                description="Convert weights between HuggingFace and MindSpore Transformers, both directions, "
-                            "bit-exactly and streaming.",
-                epilog=f"model keys:\n{keys}\n  {'auto':<{width}} detect from config.json or the tensor names")
+    p = _ConvertParser(prog="convert_weight.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Convert weights between HuggingFace and MindSpore Transformers, both "
+                                   "directions, bit-exactly and streaming.")
     p.add_argument("--model", required=True, metavar="KEY", help="model key (see below) or auto")
     p.add_argument("--input_path", required=True, help="HF folder (or a file in it), or a MindSpore .ckpt/.safetensors")
     p.add_argument("--output_path", required=True,
@@ -154,6 +160,8 @@ def _inspect(argv: list[str]) -> int:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
+    from .inspection import inspect_checkpoint
+
     info = inspect_checkpoint(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -178,6 +186,8 @@ def _diff(argv: list[str]) -> int:
     p.add_argument("b")
     p.add_argument("--model", help="model key whose mapping relates A and B")
     args = p.parse_args(argv)
+    from .inspection import diff_checkpoints
+
     result = diff_checkpoints(args.a, args.b, registry.get(args.model) if args.model else None)
     for name in result.missing:
         print(f"missing in B: {name}")

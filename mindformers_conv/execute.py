@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import shutil
-import sys
 from pathlib import Path
 
-from tqdm import tqdm
 
 from . import dtypes
 from .distributed import Team
@@ -16,6 +13,7 @@ from .formats.ms_ckpt import SLICE_BYTES
 from .formats.outputs import CARRIED_FILES, Layout
 from .outfile import OutputFile
 from .plan import Plan, Planned
+from .progress import byte_bar
 from .tensor_ref import ByteSource, MemoryBytes, TensorRef, cast_source, numel
 from .lazy import torch
 
@@ -75,8 +73,7 @@ def execute(plan: Plan, layout: Layout, *, progress: bool = True, carry_from: Pa
     team = team or Team()
     sizes = [sum(numel(shape) * dtype.itemsize for _, dtype, shape in spec.entries) for spec in layout.files]
     mine = team.share(sizes)
-    bar = tqdm(total=sum(sizes[i] for i in mine), unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-               disable=not progress, desc="converting", leave=False)
+    bar = byte_bar(sum(sizes[i] for i in mine), "converting", progress)
     outs: dict[int, OutputFile] = {}
     written: list[OutputFile] = []
     committed: list[OutputFile] = []
@@ -151,6 +148,8 @@ def _write_in_workers(by_name: dict[str, Planned], layout: Layout, outs: dict[in
     global _FORKED
     _FORKED = (by_name, layout, outs, ckpt_slice_bytes)
     try:
+        import multiprocessing  # here: its import costs start-up time that one-process runs do not need
+
         with multiprocessing.get_context("fork").Pool(min(jobs, len(outs))) as pool:
             for index, size in pool.imap_unordered(_worker, list(outs)):
                 outs[index].close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Callable
 
 
@@ -26,16 +27,24 @@ class Pattern:
 
     def __init__(self, text: str):
         self.text = text
+        self.fields = tuple(m.group(1) for m in self._FIELD.finditer(text))
+
+    @cached_property
+    def regex(self) -> re.Pattern:
+        """Compiled on first match: a run matches one model's patterns, start-up declares them all."""
+        return re.compile(self.source() + r"\Z")
+
+    def source(self, named: bool = True) -> str:
+        """The regular expression, its fields as named groups (or unnamed, non-capturing ones)."""
         parts, pos = [], 0
-        for m in self._FIELD.finditer(text):
-            parts.append(re.escape(text[pos:m.start()]))
+        for m in self._FIELD.finditer(self.text):
+            parts.append(re.escape(self.text[pos:m.start()]))
             name, star = m.groups()
             body = r".+" if star else r"\d+" if name in ("i", "j", "e") else r"[^.]+"
-            parts.append(f"(?P<{name}>{body})")
+            parts.append(f"(?P<{name}>{body})" if named else f"(?:{body})")
             pos = m.end()
-        parts.append(re.escape(text[pos:]))
-        self.regex = re.compile("".join(parts) + r"\Z")
-        self.fields = tuple(m.group(1) for m in self._FIELD.finditer(text))
+        parts.append(re.escape(self.text[pos:]))
+        return "".join(parts)
 
     def match(self, name: str) -> dict[str, str] | None:
         m = self.regex.match(name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import pkgutil
-from importlib.metadata import entry_points
 
 from .errors import BadInput, UsageError
 from .mapping import ModelSpec
@@ -44,18 +43,29 @@ def load_models() -> dict[str, ModelSpec]:
     if not _loaded:
         _loaded = True
         import models
+        from importlib.metadata import entry_points
 
         for info in pkgutil.iter_modules(models.__path__):
-            for module in ("declaration", "megatron"):  # megatron: the family's Megatron declaration
-                if info.ispkg and importlib.util.find_spec(f"models.{info.name}.{module}"):
-                    importlib.import_module(f"models.{info.name}.{module}")
+            if info.ispkg:
+                _import_family(info.name)
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             importlib.import_module(ep.value)
     return MODELS
 
 
+def _import_family(family: str) -> None:
+    """models/<family>/'s declarations (declaration.py, and megatron.py: its Megatron declaration)."""
+    for module in ("declaration", "megatron"):
+        if importlib.util.find_spec(f"models.{family}.{module}"):
+            importlib.import_module(f"models.{family}.{module}")
+
+
 def get(key: str) -> ModelSpec:
-    models = load_models()
+    """A key's declaration: its own folder's when models/<key>/ declares it (start-up imports one family),
+    else found among them all and the plugins."""
+    if key not in MODELS and key.isidentifier() and importlib.util.find_spec(f"models.{key}"):
+        _import_family(key)
+    models = MODELS if key in MODELS else load_models()
     if key not in models:
         raise UsageError(f"unknown --model {key!r}; known: {', '.join(sorted(models))} (or auto)")
     return models[key]

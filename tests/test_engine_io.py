@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import subprocess
@@ -46,12 +47,12 @@ def test_whole_tensors_are_copied_in_the_kernel(cli, tiny_llama, tmp_path, monke
     monkeypatch.setattr(outfile, "KERNEL_COPIES", (lambda *a: calls.append(a[3]) or real(*a),))
     run_ok(cli, "--model", "llama", "--input_path", hf, "--output_path", f"{tmp_path}/{target}", "--dtype", "bf16",
            *extra)
-    assert len(calls) == len(LlamaShape().tensors())  # one copy_file_range per tensor: no byte went through us
+    assert len(calls) == len(LlamaShape().tensors())  # one mapped write per tensor: no byte went through us
     assert sum(calls) == sum(numel * 2 for numel in (torch.Size(s).numel() for _, s in LlamaShape().tensors()))
 
 
 @pytest.mark.parametrize("target, extra", OUTPUTS, ids=["ckpt", "ms-folder", "safetensors"])
-@pytest.mark.parametrize("copies", ["sendfile", "read-write", "refused"])
+@pytest.mark.parametrize("copies", ["copy_file_range", "sendfile", "read-write", "refused"])
 def test_copy_fallbacks_write_the_same_bytes(cli, tiny_llama, tmp_path, monkeypatch, target, extra, copies):
     hf = tiny_llama()
     argv = ["--model", "llama", "--input_path", hf, "--dtype", "bf16", *extra]
@@ -62,12 +63,35 @@ def test_copy_fallbacks_write_the_same_bytes(cli, tiny_llama, tmp_path, monkeypa
     def refuse(*args):
         raise OSError(18, "Invalid cross-device link")  # EXDEV, as copy_file_range across file systems
 
-    sendfile = outfile.KERNEL_COPIES[1]
-    monkeypatch.setattr(outfile, "KERNEL_COPIES", {"sendfile": (sendfile,), "read-write": (),
-                                                   "refused": (refuse, refuse)}[copies])
+    monkeypatch.setattr(outfile, "KERNEL_COPIES", {"copy_file_range": (outfile._copy_file_range,),
+                                                   "sendfile": (outfile._sendfile,), "read-write": (),
+                                                   "refused": (refuse, refuse, refuse)}[copies])
     run_ok(cli, *argv, "--output_path", f"{tmp_path}/fallback/{target}")
     kernel, fallback = (tmp_path / name / target.rstrip("/") for name in ("kernel", "fallback"))
     assert files_of(fallback) == files_of(kernel)
+
+
+def test_mapped_writes_cross_windows_at_any_page_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(outfile, "MAP_WINDOW", 3 * mmap.PAGESIZE)
+    monkeypatch.setattr(outfile, "MAP_WRITE_PIECE", 1000)
+    source = tmp_path / "in.bin"
+    data = bytes(torch.randint(0, 256, (50_000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8))
+    source.write_bytes(data)
+    out = outfile.OutputFile(tmp_path / "out.bin")
+    out.write(b"abc")  # the destination three bytes into a page, the source at another page offset
+    out.copy_from(str(source), mmap.PAGESIZE + 5, 30_000)
+    out.copy_from(str(source), 0, 7)
+    out.commit()
+    assert (tmp_path / "out.bin").read_bytes() == b"abc" + data[mmap.PAGESIZE + 5:mmap.PAGESIZE + 30_005] + data[:7]
+
+
+def test_a_source_shorter_than_the_copy_is_a_clear_error(tmp_path):
+    source = tmp_path / "in.bin"
+    source.write_bytes(b"x" * 100)
+    out = outfile.OutputFile(tmp_path / "out.bin")
+    with pytest.raises(outfile.OutputError, match=r"in\.bin: unexpected end of file at byte 100"):
+        out.copy_from(str(source), 0, 200)
+    out.abort()
 
 
 def test_a_copy_error_that_is_not_unsupported_is_reported(tmp_path, monkeypatch):
@@ -163,11 +187,24 @@ def test_casting_conversions_match_whole_tensor_casts(cli, tiny_llama, tmp_path,
 
 PROBE = """
 import sys
+from mindformers_conv import outfile
 from mindformers_conv.cli import main
+
+mapped = 0  # bytes written from a mapping of the source: the kernel reads them, rchar does not count them
+
+def counting(*args):
+    global mapped
+    n = real(*args)
+    mapped += n
+    return n
+
+real = outfile.KERNEL_COPIES[0]
+assert real is outfile._mapped_write
+outfile.KERNEL_COPIES = (counting,) + outfile.KERNEL_COPIES[1:]
 
 def rchar():
     with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1]) + mapped
 
 argv = sys.argv[1:]
 at = argv.index("--output_path") + 1
@@ -182,7 +219,8 @@ print(headers - start, rchar() - headers)
 
 
 def reads(*argv) -> tuple[int, int]:
-    """Bytes read (rchar) by a --dry-run (headers, config) and by the conversion itself, in one fresh process."""
+    """Bytes read (rchar, plus what mapped writes moved) by a --dry-run (headers, config) and by the
+    conversion itself, in one fresh process."""
     proc = subprocess.run([sys.executable, "-c", PROBE, *map(str, argv), "--no-progress"], capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr

@@ -9,10 +9,8 @@ vocab_size when the saved rows were padded.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from tqdm import tqdm
 
 from .. import registry
 from ..convert import Options, Result, check_not_input, load_config_in
@@ -25,6 +23,7 @@ from ..formats.outputs import FileSpec, Layout
 from ..mapping import Config
 from ..outfile import OutputFile, make_folder
 from ..plan import Plan
+from ..progress import byte_bar
 from ..verify import verify
 from .layout import MegatronLayout, Placement, place, resolve_parallel
 from .read import MegatronSource
@@ -65,8 +64,7 @@ def write_dcp(plan: Plan, layout: MegatronLayout, source: Source, output_path: s
     make_folder(folder)
     by_name = {t.name: t for t in plan.tensors}
     groups = GroupOutputs()
-    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-               disable=not options.progress, desc="writing DCP", leave=False)
+    bar = byte_bar(plan.total_bytes, "writing DCP", options.progress)
     outs: list[OutputFile] = []
     try:
         data = OutputFile(folder / fmt.DATA_FILE, bar.update)

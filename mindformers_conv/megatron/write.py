@@ -8,11 +8,9 @@ cut as byte ranges (nothing materialised). `latest_checkpointed_iteration.txt` i
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
 
 from ..errors import UsageError
 from ..execute import GroupOutputs
@@ -21,6 +19,7 @@ from ..formats.outputs import FileSpec, Layout
 from ..formats.torch_pickle import PickleWriter
 from ..outfile import OutputFile
 from ..plan import Plan
+from ..progress import byte_bar
 from ..tensor_ref import ByteSource, MemoryBytes, concat_sources, numel
 from .layout import MegatronLayout, Parallel, Placement, place
 from .tensor_parallel import shard
@@ -69,8 +68,7 @@ def write_rank_files(plan: Plan, files: list[RankFile], par: Parallel, root: Pat
     by_name = {t.name: t for t in plan.tensors}
     groups = GroupOutputs()
     total = sum(numel(e[2]) * e[1].itemsize for f in files for e in f.entries)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=not progress,
-               desc="writing rank files", leave=False)
+    bar = byte_bar(total, "writing rank files", progress)
     outs: list[OutputFile] = []
     try:
         for pp in range(par.pp):
