@@ -15,6 +15,8 @@ bytes read from /proc/<pid>/io), warm page cache:
     cp -r                the source folder (the yardstick)
     HF→MS bf16 .ckpt     convert_weight.py --model llama --dtype bf16          (no dtype change: byte moves)
     HF→MS fp16 / fp32    the same with --dtype fp16 / fp32 (a cast), main model only
+    HF→MS folder -j N    bf16 into a folder of 300 MB MindSpore safetensors shards, in 1 and 2 worker
+                         processes (main model only)
     MS→HF bf16 folder    --reversed of that bf16 .ckpt into an HF folder
     MF HF→MS bf16        MindFormers' convert_pt_to_ms(..., dtype=bf16)        (benchmarks/run_mindformers.py,
     MF MS→HF bf16 .bin   MindFormers' convert_ms_to_pt of our bf16 .ckpt       in benchmarks/.venv-mindformers)
@@ -111,6 +113,11 @@ def model_steps(src: Path, work: Path, largest: int, main: bool, mindformers: bo
             out = work / f"llama_{dtype}.ckpt"
             steps.append(Step(f"HF→MS {dtype} .ckpt", fwd + ["--output_path", str(out), "--dtype", dtype], src, out,
                               f"ckpt:{dtype}", factor * largest, WALL_CAST))
+        for jobs in (1, 2):  # a folder of 300 MB shards: one file per worker process
+            out = work / f"llama_ms_j{jobs}"
+            steps.append(Step(f"HF→MS folder -j {jobs}", fwd + ["--output_path", f"{out}/", "--dtype", "bf16",
+                                                                "--max_shard_size", "300MB", "-j", str(jobs)],
+                              src, out, "ms:bf16", largest, WALL_SAME))
     steps.append(Step("MS→HF bf16 folder", CONVERT + ["--model", "llama", "--reversed", "--input_path", str(ckpt16),
                                                       "--output_path", f"{back}/", "--config_path", str(src),
                                                       "--no-progress"],
@@ -322,6 +329,7 @@ def main() -> int:
         args.mindformers = False
 
     models = [QUICK] if args.quick else [TINYLLAMA, QUICK, TINYLLAMA_HALF, LLAMA7B_2L, LLAMA7B_4L]
+    compile_package()
     work = CACHE / f"run-{os.getpid()}"
     work.mkdir(parents=True)
     try:
@@ -367,6 +375,13 @@ def main() -> int:
             print(f"\noutputs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def compile_package() -> None:
+    """Byte-compile our modules once, as installing a package does: start-up is then timed as users see it,
+    also where PYTHONDONTWRITEBYTECODE is set (the children would otherwise compile every module each run)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "mindformers_conv"), str(REPO / "models"),
+                    str(REPO / "convert_weight.py")], check=True, stdout=subprocess.DEVNULL)
 
 
 def plot(json_path: str, png: str) -> None:

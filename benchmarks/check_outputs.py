@@ -65,10 +65,12 @@ def output_tensors(kind: str, path: Path, source_names: list[str]) -> dict:
 
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return {name: (lambda t=t: t) for name, t in state.items()}
+    back = {ms_name(name): name for name in source_names}
+    if kind == "ms":  # a MindSpore safetensors folder
+        return {back.get(name, name): load for name, load in safetensors_tensors(path).items()}
     from mindformers_conv.formats.ms_ckpt import read_index
 
     refs = read_index(path)
-    back = {ms_name(name): name for name in source_names}
     return {back.get(name, name): ref.read for name, ref in refs.items()}
 
 

@@ -14,7 +14,7 @@ from .formats.outputs import CARRIED_FILES, Layout
 from .outfile import OutputFile
 from .plan import Plan, Planned
 from .progress import byte_bar
-from .tensor_ref import ByteSource, MemoryBytes, TensorRef, cast_source, numel
+from .tensor_ref import ByteSource, FileRanges, MemoryBytes, TensorRef, cast_source, numel
 from .lazy import torch
 
 
@@ -38,9 +38,12 @@ class GroupOutputs:
         return entry[0][planned.index]
 
     def bytes_of(self, planned: Planned) -> ByteSource:
-        if planned.group.rule.op.zero_copy:  # a rename: file to file, or cast on the way
-            ref = planned.group.sources[planned.index]
+        group = planned.group
+        if group.rule.op.zero_copy:  # a rename: file to file, or cast on the way
+            ref = group.sources[planned.index]
             return cast_source(ref.source(), ref.dtype, planned.dtype)
+        if group.in_files:  # row blocks of the source files: file to file too
+            return cast_source(FileRanges(group.ranges(planned.index)), group.sources[0].dtype, planned.dtype)
         tensor = self.tensor(planned)
         return cast_source(MemoryBytes.of(tensor), dtypes.from_torch(tensor.dtype), planned.dtype)
 
@@ -55,6 +58,8 @@ def as_refs(plan: Plan) -> dict[str, TensorRef]:
     def ref(t: Planned) -> TensorRef:
         if t.group.zero_copy:
             return t.group.sources[t.index].renamed(t.name)
+        if t.group.in_files and t.dtype == t.group.sources[0].dtype:
+            return TensorRef(t.name, t.dtype, t.shape, t.group.ranges(t.index))
         return TensorRef(t.name, t.dtype, t.shape, loader=lambda: dtypes.cast(groups.tensor(t), t.dtype))
 
     return {t.name: ref(t) for t in plan.tensors}

@@ -2,7 +2,9 @@
 
 A rule relates HF-side tensors to MS-side tensors. "Forward" is HF → MindSpore; the reverse walks the
 same rule backwards with the op's inverse. Ops are written once on torch tensors; shapes are derived
-by running them on `meta` tensors, so planning never touches data.
+by running them on `meta` tensors, so planning never touches data. An op that only moves whole rows
+(split, concat, QKV grouping) also declares its row map: planned and written from it, its outputs are
+windows of the source files (no torch at all).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from .tensor_ref import Shape
 from .lazy import torch
 
 Config = dict  # merged config.json + CLI flags
+Block = tuple[int, int, int]  # (source index, first row, row count): rows of one source, in place
+# Source row counts (axis 0), config, reverse → per output, its row blocks in order.
+RowMap = Callable[[list[int], Config, bool], list[list[Block]]]
 
 
 class Pattern:
@@ -65,6 +70,7 @@ class Op:
     forward: Callable[[list[torch.Tensor], Config], list[torch.Tensor]]
     backward: Callable[[list[torch.Tensor], Config], list[torch.Tensor]]
     zero_copy: bool = False  # outputs are the inputs' bytes unchanged
+    rows: RowMap | None = field(default=None, compare=False)  # when the outputs are row blocks of the inputs
 
     def run(self, tensors: list[torch.Tensor], cfg: Config, reverse: bool) -> list[torch.Tensor]:
         return (self.backward if reverse else self.forward)(tensors, cfg)
@@ -85,7 +91,8 @@ SWAP_LAST = Op("swap_last", lambda xs, cfg: [xs[0].transpose(-1, -2)], lambda xs
 
 def invert(op: Op) -> Op:
     """The same transform declared from the other side (e.g. concat is an inverted split)."""
-    return Op(f"inverse {op.name}", op.backward, op.forward, op.zero_copy)
+    rows = (lambda counts, cfg, reverse: op.rows(counts, cfg, not reverse)) if op.rows else None
+    return Op(f"inverse {op.name}", op.backward, op.forward, op.zero_copy, rows)
 
 
 def compose(*ops: Op) -> Op:
@@ -115,13 +122,22 @@ def equal_parts(n: int) -> Sizes:
 def split(sizes: Sizes, dim: int = 0) -> Op:
     """One tensor → parts along `dim` (sizes from config and the axis length); backward concatenates."""
 
-    def forward(xs, cfg):
-        parts = sizes(cfg, xs[0].shape[dim])
-        if sum(parts) != xs[0].shape[dim]:
-            raise ValueError(f"axis {dim} has {xs[0].shape[dim]} rows, the split needs {sum(parts)}")
-        return list(torch.split(xs[0], parts, dim))
+    def parts_of(cfg, total):
+        parts = sizes(cfg, total)
+        if sum(parts) != total:
+            raise ValueError(f"axis {dim} has {total} rows, the split needs {sum(parts)}")
+        return parts
 
-    return Op("split", forward, lambda xs, cfg: [torch.cat(xs, dim)])
+    def rows(counts, cfg, reverse):
+        if reverse:
+            return [[(i, 0, n) for i, n in enumerate(counts)]]
+        firsts = [0]
+        for n in parts_of(cfg, counts[0]):
+            firsts.append(firsts[-1] + n)
+        return [[(0, a, b - a)] for a, b in zip(firsts, firsts[1:])]
+
+    return Op("split", lambda xs, cfg: list(torch.split(xs[0], parts_of(cfg, xs[0].shape[dim]), dim)),
+              lambda xs, cfg: [torch.cat(xs, dim)], rows=rows if dim == 0 else None)
 
 
 Heads = Callable[[Config], tuple[int, int, int]]  # (query heads, kv heads, head_dim)
@@ -134,31 +150,52 @@ def qkv_grouped(heads: Heads) -> Op:
     interleave of BLOOM. Works for weights [rows, in] and biases [rows]; head_dim need not be hidden/heads.
     """
 
-    def forward(xs, cfg):
+    def grouping(cfg) -> tuple[int, int, int]:
+        """(kv heads, query heads per group, head_dim)."""
         nh, nkv, hd = heads(cfg)
         if nkv <= 0 or nh % nkv:
             raise ValueError(f"{nh} heads cannot be grouped over {nkv} kv heads")
-        g, x = nh // nkv, xs[0]
-        if x.shape[0] != nkv * (g + 2) * hd:
-            raise ValueError(f"fused qkv has {x.shape[0]} rows, {nh}/{nkv} heads of {hd} need {nkv * (g + 2) * hd}")
+        return nkv, nh // nkv, hd
+
+    def fused(cfg, rows: int) -> tuple[int, int, int]:
+        nkv, g, hd = grouping(cfg)
+        if rows != nkv * (g + 2) * hd:
+            raise ValueError(f"fused qkv has {rows} rows, {nkv * g}/{nkv} heads of {hd} need {nkv * (g + 2) * hd}")
+        return nkv, g, hd
+
+    def separate(cfg, q: int, k: int, v: int) -> tuple[int, int, int]:
+        nkv, g, hd = grouping(cfg)
+        if (q, k, v) != (nkv * g * hd, nkv * hd, nkv * hd):
+            raise ValueError(f"q/k/v have {q}/{k}/{v} rows, but {nkv * g} heads and {nkv} kv heads of {hd} need "
+                             f"{nkv * g * hd}/{nkv * hd}/{nkv * hd}; does config.json describe it?")
+        return nkv, g, hd
+
+    def forward(xs, cfg):
+        x = xs[0]
+        nkv, g, hd = fused(cfg, x.shape[0])
         grouped = x.reshape(nkv, g + 2, hd, *x.shape[1:])
-        q = grouped[:, :g].reshape(nh * hd, *x.shape[1:])
+        q = grouped[:, :g].reshape(nkv * g * hd, *x.shape[1:])
         k = grouped[:, g].reshape(nkv * hd, *x.shape[1:])
         v = grouped[:, g + 1].reshape(nkv * hd, *x.shape[1:])
         return [q, k, v]
 
     def backward(xs, cfg):
-        nh, nkv, hd = heads(cfg)
         q, k, v = xs
+        nkv, g, hd = separate(cfg, q.shape[0], k.shape[0], v.shape[0])
         rest = q.shape[1:]
-        if (q.shape[0], k.shape[0], v.shape[0]) != (nh * hd, nkv * hd, nkv * hd):
-            raise ValueError(f"q/k/v have {q.shape[0]}/{k.shape[0]}/{v.shape[0]} rows, but {nh} heads and {nkv} kv "
-                             f"heads of {hd} need {nh * hd}/{nkv * hd}/{nkv * hd}; does config.json describe it?")
-        grouped = torch.cat([q.reshape(nkv, nh // nkv, hd, *rest), k.reshape(nkv, 1, hd, *rest),
+        grouped = torch.cat([q.reshape(nkv, g, hd, *rest), k.reshape(nkv, 1, hd, *rest),
                              v.reshape(nkv, 1, hd, *rest)], dim=1)
         return [grouped.reshape(-1, *rest)]
 
-    return Op("qkv_grouped", forward, backward)
+    def rows(counts, cfg, reverse):
+        if reverse:  # q, k, v → per group j: its g query heads, then k_j, then v_j
+            nkv, g, hd = separate(cfg, *counts)
+            return [[b for j in range(nkv) for b in ((0, j * g * hd, g * hd), (1, j * hd, hd), (2, j * hd, hd))]]
+        nkv, g, hd = fused(cfg, counts[0])
+        size = (g + 2) * hd
+        return [[(0, j * size + at, n) for j in range(nkv)] for at, n in ((0, g * hd), (g * hd, hd), ((g + 1) * hd, hd))]
+
+    return Op("qkv_grouped", forward, backward, rows=rows)
 
 
 def config_section(cfg: Config, section: str | None) -> Config:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import errno
 import glob
+import itertools
 import mmap
 import os
 from pathlib import Path
 from typing import Callable
 
 from .errors import OutputError
+from .tensor_ref import Ranges
 
 TMP_SUFFIX = ".partial"
 WRITE_PIECE = 256 << 10  # bytes per write(): as fast as copy_file_range's pieces (benchmarks/README.md)
 MAP_WINDOW = 16 << 20  # bytes of a source file mapped at a time by a mapped write
 MAP_WRITE_PIECE = 1 << 20  # bytes per write() from a mapping (benchmarks/README.md: 256 KiB is slower there)
+IOV_MAX = 1024  # pieces per writev() (Linux's limit)
 
 
 def temp_name(final: Path) -> Path:
@@ -68,6 +71,69 @@ def _mapped_write(src: int, dst: int, offset: int, length: int) -> int:
     return done - (offset - start)
 
 
+def mapped_views(ranges: Ranges):
+    """The pieces' bytes in order, as (memoryviews, their bytes): views of populated, read-only mappings of
+    the files, the pieces of one region (a TP column slice: a piece per row) sharing a mapping of at most
+    MAP_WINDOW per file; at most IOV_MAX views and MAP_WRITE_PIECE bytes at a time (a large piece comes in
+    parts). A view keeps its mapping alive; nothing is copied."""
+    todo, files = [piece for piece in ranges if piece[2]], {}
+    windows: dict[str, tuple[int, memoryview]] = {}  # path → (file offset of its window, the window)
+    unmapped, count = (0, memoryview(b"")), len(todo)
+    try:
+        index = 0
+        while index < count:
+            path, offset, length = todo[index]
+            start, window = windows.get(path, unmapped)
+            if not start <= offset < start + len(window):
+                start, window = windows[path] = _map(files, path, offset, _region_end(todo, index))
+            views, total, last = [], 0, min(count, index + IOV_MAX)
+            while index < last:  # the run of pieces inside the files' windows
+                other, at, size = todo[index]
+                first, view = windows.get(other, unmapped)
+                if at < first or at + size > first + len(view) or total + size > MAP_WRITE_PIECE:
+                    break
+                views.append(view[at - first:at - first + size])
+                total += size
+                index += 1
+            if not views:  # a large piece, or one past its window: its first part
+                total = min(length, start + len(window) - offset, MAP_WRITE_PIECE)
+                views.append(window[offset - start:offset - start + total])
+                todo[index] = path, offset + total, length - total
+            yield views, total
+    finally:
+        for fd, _ in files.values():
+            os.close(fd)
+
+
+def _map(files: dict[str, tuple[int, int]], path: str, offset: int, end: int) -> tuple[int, memoryview]:
+    """(start, view) of a populated read-only mapping of `path` from `offset` (rounded down) to `end`."""
+    if path not in files:
+        fd = os.open(path, os.O_RDONLY)
+        files[path] = fd, os.fstat(fd).st_size
+    fd, size = files[path]
+    start, end = offset - offset % mmap.ALLOCATIONGRANULARITY, min(end, size)
+    if end <= offset:
+        raise OutputError(f"{path}: unexpected end of file at byte {offset}")
+    return start, memoryview(mmap.mmap(fd, end - start, prot=mmap.PROT_READ, offset=start,
+                                       flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)))
+
+
+def _region_end(ranges: list, index: int) -> int:
+    """Where a mapping for piece `index` ends: past it and the next pieces of its file as long as they start
+    inside MAP_WINDOW (pieces of other files between are passed over)."""
+    path, offset, length = ranges[index]
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    limit = start + MAP_WINDOW
+    end = offset + length
+    for other, at, size in itertools.islice(ranges, index + 1, None):
+        if other == path:
+            if not start <= at < limit:
+                break
+            if at + size > end:
+                end = at + size
+    return min(end, limit)
+
+
 def _copy_file_range(src: int, dst: int, offset: int, length: int) -> int:
     return os.copy_file_range(src, dst, length, offset)
 
@@ -119,6 +185,34 @@ class OutputFile:
             offset += n
             length -= n
             self._advance(n)
+
+    def copy_ranges(self, ranges: Ranges) -> None:
+        """Copy (path, offset, length) pieces of other files in turn: many at once, each write a writev of
+        views of the sources' mappings (a TP column slice is a piece per row); one through copy_from."""
+        if len(ranges) == 1 or self._copies[:1] != (_mapped_write,):
+            for path, offset, length in ranges:
+                self.copy_from(path, offset, length)
+            return
+        batch, size = [], 0
+        for views, nbytes in mapped_views(ranges):
+            if len(batch) + len(views) > IOV_MAX or size + nbytes > MAP_WRITE_PIECE:
+                self._write_views(batch, size)
+                batch, size = [], 0
+            batch += views
+            size += nbytes
+        self._write_views(batch, size)
+
+    def _write_views(self, views: list[memoryview], size: int) -> None:
+        left = size
+        while left:
+            n = self._io(os.writev, self.fd, views)
+            left -= n
+            if left:  # writev wrote less than asked: go on from there
+                while n >= len(views[0]):
+                    n -= len(views[0])
+                    views = views[1:]
+                views[0] = views[0][n:]
+        self._advance(size)
 
     def _copy(self, src: int, offset: int, length: int) -> int:
         """One copy call of the first way the file systems take; a refused way is not tried again."""

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from . import dtypes
 from .dtypes import DType
 from .errors import BadInput, UnmappedTensor
-from .mapping import DROP, Config, ModelSpec, Pattern, Rule
-from .tensor_ref import CAST_CHUNK, Shape, TensorRef, numel
+from .mapping import DROP, Block, Config, ModelSpec, Pattern, Rule
+from .tensor_ref import CAST_CHUNK, Ranges, Shape, TensorRef, numel, sub_ranges
 from .lazy import torch
 
 
@@ -29,17 +29,32 @@ class Group:
     dtypes: list[DType]
     reverse: bool
     cfg: Config = field(repr=False, default_factory=dict)
+    blocks: list[list[Block]] | None = None  # per output, its row blocks of the sources (a row-moving op)
 
     @property
     def zero_copy(self) -> bool:
         return self.rule.op.zero_copy and all(d == s.dtype for d, s in zip(self.dtypes, self.sources))
 
     @property
+    def in_files(self) -> bool:
+        """The outputs are row blocks of sources on disk (a row-moving op): bytes of the source files."""
+        return self.blocks is not None and all(s.ranges for s in self.sources)
+
+    def ranges(self, index: int) -> Ranges:
+        """Output `index` as (path, offset, length) pieces of the source files (`in_files` groups only)."""
+        return tuple(r for i, first, count in self.blocks[index]
+                     for r in sub_ranges(self.sources[i].ranges, first * self._row_bytes(i), count * self._row_bytes(i)))
+
+    def _row_bytes(self, i: int) -> int:
+        return numel(self.sources[i].shape[1:]) * self.sources[i].dtype.itemsize
+
+    @property
     def work_bytes(self) -> int:
         """Memory the recipe needs at once (0 when bytes are copied file to file, a chunk when cast as a stream)."""
-        if self.zero_copy:
+        streams = self.rule.op.zero_copy or self.in_files
+        if streams and all(d == s.dtype for d, s in zip(self.dtypes, self.sources)):
             return 0
-        if self.rule.op.zero_copy:
+        if streams:
             return max(min(numel(s.shape), CAST_CHUNK) * (s.dtype.itemsize + d.itemsize)
                        for s, d in zip(self.sources, self.dtypes))
         return sum(s.nbytes for s in self.sources) + sum(numel(s) * d.itemsize for s, d in zip(self.shapes, self.dtypes))
@@ -243,22 +258,30 @@ class _RuleMatcher:
         return matcher
 
 
-def _derive(rule: Rule, sources: list[TensorRef], cfg: Config, reverse: bool) -> tuple[list, list]:
-    """Output shapes and dtypes of an op, from running it on `meta` tensors (no data)."""
-    metas = [torch.empty(s.shape, dtype=s.dtype.torch, device="meta") for s in sources]
+def _derive(rule: Rule, sources: list[TensorRef], cfg: Config, reverse: bool) -> tuple[list, list, list | None]:
+    """Output shapes, dtypes and (a row-moving op on sources alike but for their rows) row blocks; else
+    shapes and dtypes from running the op on `meta` tensors. No data either way."""
+    first = sources[0]
     try:
+        if rule.op.rows and first.shape and all(s.shape[1:] == first.shape[1:] and s.dtype == first.dtype
+                                                 for s in sources):
+            blocks = rule.op.rows([s.shape[0] for s in sources], cfg, reverse)
+            shapes = [(sum(n for _, _, n in out), *first.shape[1:]) for out in blocks]
+            return shapes, [first.dtype] * len(blocks), blocks
+        metas = [torch.empty(s.shape, dtype=s.dtype.torch, device="meta") for s in sources]
         outs = rule.op.run(metas, cfg, reverse)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise BadInput(f"cannot apply {rule.op.name} to {sources[0].name!r} {list(sources[0].shape)}: {e}") from None
-    return [tuple(t.shape) for t in outs], [dtypes.from_torch(t.dtype) for t in outs]
+        raise BadInput(f"cannot apply {rule.op.name} to {first.name!r} {list(first.shape)}: {e}") from None
+    return [tuple(t.shape) for t in outs], [dtypes.from_torch(t.dtype) for t in outs], None
 
 
 def _group(rule: Rule, sources: list[TensorRef], caps: dict, reverse: bool, cfg: Config,
            default: DType | None) -> Group:
+    blocks = None
     if rule.op.zero_copy:  # a rename: the sources are the outputs (no torch needed to know that)
         shapes, out_dtypes = [s.shape for s in sources], [s.dtype for s in sources]
     else:
-        shapes, out_dtypes = _derive(rule, sources, cfg, reverse)
+        shapes, out_dtypes, blocks = _derive(rule, sources, cfg, reverse)
     patterns = rule.side(reverse)[1]
     if rule.renumber:
         try:
@@ -271,4 +294,4 @@ def _group(rule: Rule, sources: list[TensorRef], caps: dict, reverse: bool, cfg:
     else:
         targets = [p.format(caps) for p in patterns]
     out_dtypes = [default if default and d.is_float else d for d in out_dtypes]
-    return Group(rule, sources, targets, shapes, out_dtypes, reverse, cfg)
+    return Group(rule, sources, targets, shapes, out_dtypes, reverse, cfg, blocks)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import mmap
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -120,6 +123,22 @@ def sub_ranges(ranges: Ranges, start: int, length: int) -> Ranges:
     return tuple(out)
 
 
+# A column block of a row-major matrix on disk: (its file ranges, bytes per row, first byte of the block
+# in a row, bytes of the block in a row).
+Columns = tuple[Ranges, int, int, int]
+
+
+def column_ranges(rows: int, blocks: list[Columns]) -> Ranges:
+    """Row by row, the column blocks side by side: TP column slices cut from a full matrix, or a full
+    matrix put back together from its column-split shards, as file ranges (nothing read)."""
+    if any(len(ranges) != 1 for ranges, *_ in blocks):
+        return tuple(piece for r in range(rows) for ranges, row_bytes, start, length in blocks
+                     for piece in sub_ranges(ranges, r * row_bytes + start, length))
+    columns = [[(path, offset + at, length) for at in range(start, start + rows * row_bytes, row_bytes)]
+               for ((path, offset, _),), row_bytes, start, length in blocks]  # one file range each: quick
+    return tuple(columns[0]) if len(columns) == 1 else tuple(itertools.chain.from_iterable(zip(*columns)))
+
+
 @dataclass
 class MemoryBytes(ByteSource):
     data: memoryview
@@ -159,8 +178,10 @@ class FileRanges(ByteSource):
         return sum(r[2] for r in self.ranges)
 
     def write_to(self, out, start: int = 0, length: int | None = None) -> None:
-        for path, offset, size in sub_ranges(self.ranges, start, self.nbytes - start if length is None else length):
-            out.copy_from(path, offset, size)
+        ranges = self.ranges
+        if start or length is not None:
+            ranges = sub_ranges(ranges, start, self.nbytes - start if length is None else length)
+        out.copy_ranges(ranges)
 
     def window(self, start: int, length: int) -> "FileRanges":
         return FileRanges(sub_ranges(self.ranges, start, length))
@@ -172,8 +193,12 @@ class FileRanges(ByteSource):
                     yield memoryview(os.pread(f.fileno(), min(self.PIECE, size - start), offset + start))
 
     def view(self, start: int, length: int, scratch: memoryview) -> memoryview:
+        """One 8-byte-aligned range is mapped (copy-on-write, never written: no copy); else read into `scratch`."""
+        ranges = sub_ranges(self.ranges, start, length)
+        if len(ranges) == 1 and ranges[0][1] % 8 == 0:
+            return _mapped(*ranges[0])
         pos = 0
-        for path, offset, size in sub_ranges(self.ranges, start, length):
+        for path, offset, size in ranges:
             with open(path, "rb", buffering=0) as f:
                 got = os.preadv(f.fileno(), [scratch[pos:pos + size]], offset)
             if got != size:
@@ -181,6 +206,18 @@ class FileRanges(ByteSource):
                 raise BadInput(f"{path}: unexpected end of file at byte {offset + got}")
             pos += size
         return scratch[:length]
+
+
+def _mapped(path: str, offset: int, size: int) -> memoryview:
+    """Bytes of a file as a writable view of a private mapping (the mapping lives as long as the view)."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size < offset + size:
+            from .errors import BadInput
+            raise BadInput(f"{path}: unexpected end of file before byte {offset + size}")
+        window = mmap.mmap(f.fileno(), offset + size - start, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    return memoryview(window)[offset - start:]
 
 
 @dataclass
@@ -244,8 +281,18 @@ class CastBytes(ByteSource):
         return self.source.nbytes // self.from_dtype.itemsize * self.dtype.itemsize
 
     def write_to(self, out, start: int = 0, length: int | None = None) -> None:
-        for chunk in self._cast(start, self.nbytes - start if length is None else length):
-            out.write(chunk)
+        """Casts a chunk while a helper thread writes the one before (torch and write() both release the
+        GIL: the two cores share the work); two output buffers take turns."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as writer:
+            pending = None
+            for chunk in self._cast(start, self.nbytes - start if length is None else length, buffers=2):
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(out.write, chunk)
+            if pending is not None:
+                pending.result()
 
     def pieces(self):
         return self._cast(0, self.nbytes)
@@ -261,36 +308,55 @@ class CastBytes(ByteSource):
             raise ValueError(f"byte window [{start}, +{length}) splits a {self.dtype.code} element")
         return start // size, length // size
 
-    def _cast(self, start: int, length: int):
+    def _cast(self, start: int, length: int, buffers: int = 1):
+        """The cast bytes a chunk at a time; a chunk stays valid while the next `buffers - 1` are made."""
         first, count = self._elements(start, length)
-        size = self.from_dtype.itemsize
+        size, out_size = self.from_dtype.itemsize, self.dtype.itemsize
         step = max(1, min(CAST_CHUNK, count))
-        inp, out = _reused("in", self.from_dtype, step), _reused("out", self.dtype, step)
-        scratch = memoryview(inp.view(torch.uint8).numpy()).cast("B")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # chunks are too small to share: a busy second core makes every op wait for it
-        try:
-            for at in range(first, first + count, step):
+        scratch = _reused("in", step * size)
+        outs = [_reused(f"out{b}", step * out_size) for b in range(buffers)]
+        with _chunk_cast(self.from_dtype, self.dtype) as cast:
+            for k, at in enumerate(range(first, first + count, step)):
                 n = min(step, first + count - at)
-                raw = self.source.view(at * size, n * size, scratch)
-                if raw.readonly:  # torch.frombuffer wants a writable buffer
-                    scratch[:len(raw)] = raw
-                    raw = scratch[:len(raw)]
-                dtypes.cast_into(torch.frombuffer(raw, dtype=torch.uint8).view(self.from_dtype.torch), out[:n])
-                yield memoryview(out[:n].view(torch.uint8).numpy()).cast("B")
-        finally:
-            torch.set_num_threads(threads)
+                out = outs[k % buffers][:n * out_size]
+                cast(self.source.view(at * size, n * size, scratch), out, scratch)
+                yield out
 
 
-_REUSED: dict[tuple[str, str], torch.Tensor] = {}
+@contextmanager
+def _chunk_cast(source: DType, target: DType):
+    """A function casting one chunk's bytes into `out`: numpy's shift for bf16 → fp32 (exact, NaN payloads
+    included, and no torch import), else torch's cast with the NaNs kept (dtypes.cast_into)."""
+    if dtypes.shift_widens(source, target):
+        import numpy as np
+
+        yield lambda raw, out, scratch: np.left_shift(np.frombuffer(raw, np.uint16), 16,
+                                                      out=np.frombuffer(out, np.uint32), dtype=np.uint32)
+        return
+
+    def cast(raw: memoryview, out: memoryview, scratch: memoryview) -> None:
+        if raw.readonly:  # torch.frombuffer wants a writable buffer
+            scratch[:len(raw)] = raw
+            raw = scratch[:len(raw)]
+        dtypes.cast_into(torch.frombuffer(raw, dtype=torch.uint8).view(source.torch),
+                         torch.frombuffer(out, dtype=torch.uint8).view(target.torch))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # chunks are too small to share: a busy second core makes every op wait for it
+    try:
+        yield cast
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _reused(role: str, dtype: DType, count: int) -> torch.Tensor:
-    """The process's one buffer per role and dtype, of at least `count` elements (casts run one at a time)."""
-    key = (role, dtype.code)
-    if key not in _REUSED or _REUSED[key].numel() < count:
-        _REUSED[key] = torch.empty(count, dtype=dtype.torch)
-    return _REUSED[key]
+_REUSED: dict[str, bytearray] = {}
+
+
+def _reused(role: str, nbytes: int) -> memoryview:
+    """The process's one buffer per role, of at least `nbytes` (casts run one at a time)."""
+    if role not in _REUSED or len(_REUSED[role]) < nbytes:
+        _REUSED[role] = bytearray(nbytes)
+    return memoryview(_REUSED[role])
 
 
 def from_chunks(name: str, dtype: DType, shape: Shape, chunks: list[tuple[Shape, TensorRef]], where) -> TensorRef:

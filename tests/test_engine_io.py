@@ -124,20 +124,32 @@ CASTS = [("BF16", "F32"), ("F32", "BF16"), ("F32", "F16"), ("F16", "F32"), ("F16
 
 @pytest.mark.parametrize("pair", CASTS, ids=["-".join(p) for p in CASTS])
 def test_a_streamed_cast_is_the_whole_tensor_cast(tmp_path, monkeypatch, pair):
-    monkeypatch.setattr(tensor_ref, "CAST_CHUNK", 7)  # many chunks, windows across them
+    """Every 16-bit pattern (random 32-bit ones), from a file at an odd offset (read) and at an aligned one
+    (mapped), and from memory; pieces, windows, and the threaded write_to all give `dtypes.cast`'s bytes."""
+    monkeypatch.setattr(tensor_ref, "CAST_CHUNK", 4099)  # many chunks, windows across them
     source, target = (dtypes.BY_CODE[c] for c in pair)
-    x = special_values(source.torch, 1000, seed=3)
-    x[::97] = float("nan")
-    path = tmp_path / "x.bin"
-    path.write_bytes(b"pad" + raw_bytes(x).numpy().tobytes())
+    if source.itemsize == 2:
+        x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(source.torch)
+    else:
+        x = special_values(source.torch, 20_000, seed=3)
+        x[::97] = float("nan")
     expected = raw_bytes(dtypes.cast(x, target)).numpy().tobytes()
-    for stream in (FileRanges(((str(path), 3, x.numel() * source.itemsize),)), MemoryBytes.of(x)):
+    streams = [MemoryBytes.of(x)]
+    for pad in (3, 8):
+        path = tmp_path / f"x{pad}.bin"
+        path.write_bytes(b"p" * pad + raw_bytes(x).numpy().tobytes())
+        streams.append(FileRanges(((str(path), pad, x.numel() * source.itemsize),)))
+    for stream in streams:
         cast = CastBytes(stream, source, target)
         assert cast.nbytes == len(expected)
         assert b"".join(bytes(p) for p in cast.pieces()) == expected
         size = target.itemsize
-        window = cast.window(13 * size, 500 * size)
-        assert b"".join(bytes(p) for p in window.pieces()) == expected[13 * size:513 * size]
+        window = cast.window(13 * size, 5000 * size)
+        assert b"".join(bytes(p) for p in window.pieces()) == expected[13 * size:5013 * size]
+        out = outfile.OutputFile(tmp_path / "out.bin")
+        cast.write_to(out)
+        out.commit()
+        assert (tmp_path / "out.bin").read_bytes() == expected
 
 
 def test_a_window_that_splits_an_element_is_refused():
@@ -187,10 +199,10 @@ def test_casting_conversions_match_whole_tensor_casts(cli, tiny_llama, tmp_path,
 
 PROBE = """
 import sys
-from mindformers_conv import outfile
+from mindformers_conv import outfile, tensor_ref
 from mindformers_conv.cli import main
 
-mapped = 0  # bytes written from a mapping of the source: the kernel reads them, rchar does not count them
+mapped = 0  # bytes read through mappings of the sources: rchar does not count them
 
 def counting(*args):
     global mapped
@@ -198,9 +210,15 @@ def counting(*args):
     mapped += n
     return n
 
-real = outfile.KERNEL_COPIES[0]
+def counting_view(path, offset, size):
+    global mapped
+    mapped += size
+    return real_view(path, offset, size)
+
+real, real_view = outfile.KERNEL_COPIES[0], tensor_ref._mapped
 assert real is outfile._mapped_write
 outfile.KERNEL_COPIES = (counting,) + outfile.KERNEL_COPIES[1:]
+tensor_ref._mapped = counting_view
 
 def rchar():
     with open("/proc/self/io") as f:

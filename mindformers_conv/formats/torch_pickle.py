@@ -7,6 +7,7 @@ as a stored (uncompressed, 64-byte aligned) zip record, so no state dict is ever
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import os
 import pickle
@@ -21,7 +22,7 @@ from typing import Callable
 
 from .. import dtypes
 from ..errors import BadInput
-from ..outfile import OutputFile
+from ..outfile import OutputFile, mapped_views
 from ..tensor_ref import ByteSource, Shape, TensorRef
 from ..lazy import torch
 
@@ -61,7 +62,7 @@ class _NotPlainWeights(Exception):
 @dataclass
 class _StoredTensor:
     key: str
-    dtype: torch.dtype
+    dtype: str  # torch's name of it, e.g. "bfloat16"
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
@@ -85,7 +86,7 @@ class _IndexUnpickler(pickle.Unpickler):
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if module == "torch" and name in _STORAGE_DTYPE:
-            return getattr(torch, _STORAGE_DTYPE[name])
+            return _StorageClass(_STORAGE_DTYPE[name])
         allowed = self.extra(module, name) if self.extra else None
         if allowed is not None:
             return allowed
@@ -95,9 +96,16 @@ class _IndexUnpickler(pickle.Unpickler):
                        "(nothing in it was run)")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageClass)):
             raise _NotPlainWeights(repr(pid)[:80])
-        return pid[2], pid[1]
+        return pid[2], pid[1].dtype
+
+
+@dataclass(frozen=True)
+class _StorageClass:
+    """What `torch.BFloat16Storage` & co. stand for in a pickle: the dtype of a storage (torch not imported)."""
+
+    dtype: str
 
 
 # (module, name) → a harmless stand-in to build instead of the real global, or None to refuse it.
@@ -185,7 +193,7 @@ def _record_span(zf: zipfile.ZipFile, f, name: str, path: Path) -> tuple[int, in
 
 
 def _ref(path: Path, name: str, t: _StoredTensor, span: tuple[int, int]) -> TensorRef:
-    dtype = dtypes.from_torch(t.dtype)
+    dtype = dtypes.BY_TORCH_NAME[t.dtype]  # every storage class names a dtype of the table
     if not (all(type(v) is int and v >= 0 for v in (t.offset, *t.size, *t.stride)) and len(t.size) == len(t.stride)):
         raise BadInput(f"{path}: tensor {name!r} has an invalid storage offset, size or stride "
                        f"({t.offset!r}, {t.size!r}, {t.stride!r})")
@@ -259,8 +267,25 @@ def _all_leaves(state: dict, leaf: type) -> bool:
     return all(isinstance(v, leaf) for v in state.values())
 
 
+class _Global:
+    """A global torch's pickles name (a storage class, the tensor rebuilder), written by name: pickling
+    the real one would import torch just to look it up."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self):  # pickle wants a reduce function to be callable; this one is never called
+        raise TypeError(f"{self.module}.{self.name} stands in for torch's, it is not callable")
+
+
+@functools.cache
+def _global(module: str, name: str) -> _Global:
+    """One object per global, so that the pickle memoizes it as it would torch's own."""
+    return _Global(module, name)
+
+
 class _Storage:
-    def __init__(self, key: str, dtype: torch.dtype, count: int):
+    def __init__(self, key: str, dtype: dtypes.DType, count: int):
         self.key, self.dtype, self.count = key, dtype, count
 
 
@@ -274,14 +299,21 @@ class _Tensor:
             stride.append(acc)
             acc *= d
         args = (self.storage, 0, tuple(self.shape), tuple(reversed(stride)), False, collections.OrderedDict())
-        return torch._utils._rebuild_tensor_v2, args
+        return _global("torch._utils", "_rebuild_tensor_v2"), args
 
 
-class _Pickler(pickle.Pickler):
+class _Pickler(pickle._Pickler):
+    """Python's own pickler (the C one has no hook for a global written by name); data.pkl is small."""
+
+    def save_named_global(self, obj: _Global) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, _Global: save_named_global}
+
     def persistent_id(self, obj):
         if isinstance(obj, _Storage):
-            return ("storage", getattr(torch, _STORAGE_CLASS[str(obj.dtype).removeprefix("torch.")]), obj.key, "cpu",
-                    obj.count)
+            return "storage", _global("torch", _STORAGE_CLASS[obj.dtype.torch_name]), obj.key, "cpu", obj.count
         return None
 
 
@@ -293,7 +325,7 @@ def _data_pkl(entries: list[tuple[str, dtypes.DType, Shape]], container: Contain
         count = 1
         for d in shape:
             count *= d
-        tensors.append(_Tensor(_Storage(str(key), dtype.torch, count), shape))
+        tensors.append(_Tensor(_Storage(str(key), dtype, count), shape))
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(container(tensors))
     return buf.getvalue()
@@ -324,7 +356,10 @@ class PickleWriter:
         self.out = out
         self.base = out.position
         self.prefix = out.final.stem or "archive"
-        self.central: list[bytes] = []
+        from concurrent.futures import ThreadPoolExecutor  # here: its import costs every run's start-up
+
+        self.records: list[tuple[bytes, int, int, object]] = []  # (name, offset, size, CRC-32 or its Future)
+        self._crcs = ThreadPoolExecutor(1)
         self._names = [name for name, _, _ in entries]
         self._next = 0
         self._record("data.pkl", memoryview(_data_pkl(entries, container or flat_state_dict(entries, wrap))))
@@ -341,9 +376,12 @@ class PickleWriter:
     def close(self) -> None:
         self._record("version", memoryview(b"3\n"))
         self._record(".data/serialization_id", memoryview(b"0" * 40))
+        self._crcs.shutdown()
         self._end_of_central_directory()
 
     def _record(self, name: str, data) -> None:
+        """A stored record; a ByteSource's CRC-32 (its local header's, filled in at close) is read back
+        from the output on a second thread while the next records are written (zlib releases the GIL)."""
         fname = f"{self.prefix}/{name}".encode()
         size = data.nbytes
         offset = self.out.position - self.base
@@ -352,31 +390,34 @@ class PickleWriter:
         extra = zip64 + struct.pack("<HH", 0x4246, pad) + b"\0" * pad
         self.out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, 0, 0x21, 0, 0xFFFFFFFF, 0xFFFFFFFF,
                                    len(fname), len(extra)) + fname + extra)
-        crc = _write_with_crc(self.out, data)
-        os.pwrite(self.out.fd, struct.pack("<I", crc), self.base + offset + 14)
-        cextra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
-        self.central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0x21, crc, 0xFFFFFFFF,
-                                        0xFFFFFFFF, len(fname), len(cextra), 0, 0, 0, 0, 0xFFFFFFFF)
-                            + fname + cextra)
+        if isinstance(data, memoryview):
+            self.out.write(data)
+            crc = zlib.crc32(data)
+        else:
+            start = self.out.position
+            data.write_to(self.out)
+            crc = self._crcs.submit(_written_crc, self.out.tmp, start, size) if size else 0
+        self.records.append((fname, offset, size, crc))
 
     def _end_of_central_directory(self) -> None:
         start = self.out.position - self.base
-        for entry in self.central:
-            self.out.write(entry)
+        for fname, offset, size, crc in self.records:
+            crc = crc if isinstance(crc, int) else crc.result()
+            os.pwrite(self.out.fd, struct.pack("<I", crc), self.base + offset + 14)
+            cextra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
+            self.out.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0x21, crc, 0xFFFFFFFF,
+                                       0xFFFFFFFF, len(fname), len(cextra), 0, 0, 0, 0, 0xFFFFFFFF) + fname + cextra)
         end = self.out.position - self.base
-        size, count = end - start, len(self.central)
+        size, count = end - start, len(self.records)
         self.out.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, size, start))
         self.out.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
         self.out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
 
 
-def _write_with_crc(out: OutputFile, data) -> int:
-    """Write a record's bytes in bounded pieces, returning their CRC-32 (zip needs it)."""
-    if isinstance(data, memoryview):
-        out.write(data)
-        return zlib.crc32(data)
+def _written_crc(path: Path, offset: int, length: int) -> int:
+    """CRC-32 of bytes already written to a file, read through a mapping of its page cache (no copy)."""
     crc = 0
-    for piece in data.pieces():
-        crc = zlib.crc32(piece, crc)
-        out.write(piece)
+    for (view,), _ in mapped_views(((str(path), offset, length),)):
+        crc = zlib.crc32(view, crc)
     return crc
+

@@ -3,8 +3,8 @@
 The layout (TP, PP, VPP, EP and every stage's layer counts) comes from the files themselves: folder
 names give the rank grid, `model{v}` keys the VPP chunks, the local layer and expert numbers each
 stage holds its share of the pipeline. A full tensor's bytes are its TP shards put back together:
-row-split tensors as byte ranges of the rank files (nothing read until written), others merged in
-memory when asked for. Vocab padding is stripped to config.json's vocab size.
+row- and column-split tensors as byte ranges of the rank files (nothing read until written), others
+merged in memory when asked for. Vocab padding is stripped to config.json's vocab size.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import BadInput, UsageError
 from ..formats import megatron as fmt
 from ..mapping import Config
-from ..tensor_ref import TensorRef, numel, raw_bytes, sub_ranges
+from ..tensor_ref import TensorRef, column_ranges, numel, sub_ranges
 from .layout import MegatronLayout, discover_pipelines, local_to_full
 from .pipeline import PipelineLayers
 from .tensor_parallel import TpSplit, merge, merge_spans, shard_length
@@ -83,8 +83,19 @@ def module_tp(names: list[str], shards: dict[str, dict[int, TensorRef]], folders
     return folders
 
 
+SAME_STEP = 16 << 20  # bytes compared at a time
+
+
 def _same(a: TensorRef, b: TensorRef) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and raw_bytes(a.read()).equal(raw_bytes(b.read()))
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    first, second = a.source(), b.source()
+    scratch = [memoryview(bytearray(min(SAME_STEP, a.nbytes))) for _ in range(2)]
+    for at in range(0, a.nbytes, SAME_STEP):
+        n = min(SAME_STEP, a.nbytes - at)
+        if first.view(at, n, scratch[0]) != second.view(at, n, scratch[1]):
+            return False
+    return True
 
 
 def merged_ref(name: str, shards: list[TensorRef], split: TpSplit, cfg: Config, vocab: int | None) -> TensorRef:
@@ -129,5 +140,10 @@ def merged_ref(name: str, shards: list[TensorRef], split: TpSplit, cfg: Config, 
         row = numel(shape[1:]) * first.dtype.itemsize
         ranges = tuple(r for sp in spans for r in sub_ranges(shards[sp.rank].ranges, sp.offset * row, sp.length * row))
         return TensorRef(name, first.dtype, full_shape, ranges)
+    if dim == 1 and all(s.ranges for s in shards):
+        inner = numel(shape[2:]) * first.dtype.itemsize
+        blocks = [(shards[sp.rank].ranges, shards[sp.rank].shape[1] * inner, sp.offset * inner, sp.length * inner)
+                  for sp in spans]
+        return TensorRef(name, first.dtype, full_shape, column_ranges(shape[0], blocks))
     return TensorRef(name, first.dtype, full_shape,
                      loader=lambda: merge([s.read() for s in shards], dim, per_rank, real))

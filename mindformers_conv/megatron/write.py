@@ -2,8 +2,9 @@
 
 The files of one PP rank (all its TP × EP ranks) are written side by side: each full tensor is computed
 once and every rank's slice of it goes straight into that rank's file, so memory holds one full tensor
-and its slices, never a stage or the model. Rows of a tensor that is a byte range of the input are
-cut as byte ranges (nothing materialised). `latest_checkpointed_iteration.txt` is written last.
+and its slices, never a stage or the model. A tensor that is byte ranges of the input (renamed, or row
+blocks of it) is sliced as byte ranges, rows as windows and columns as a piece per row: nothing is
+materialised, the bytes go file to file. `latest_checkpointed_iteration.txt` is written last.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..formats.torch_pickle import PickleWriter
 from ..outfile import OutputFile
 from ..plan import Plan
 from ..progress import byte_bar
-from ..tensor_ref import ByteSource, MemoryBytes, concat_sources, numel
+from ..tensor_ref import ByteSource, FileRanges, MemoryBytes, column_ranges, concat_sources, numel
 from .layout import MegatronLayout, Parallel, Placement, place
 from .tensor_parallel import shard
 from ..lazy import torch
@@ -133,7 +134,8 @@ def _refuse_other_layouts(folder: Path, ours: set[str]) -> None:
 
 
 class _Full:
-    """One full tensor's bytes, sliced per TP rank: byte windows for row slices, else torch slicing."""
+    """One full tensor's bytes, sliced per TP rank: byte windows for row slices, file ranges per row for
+    column slices of a tensor on disk, else torch slicing (padding, columns in memory)."""
 
     def __init__(self, source: ByteSource, placement: Placement):
         self.source, self.p = source, placement
@@ -145,9 +147,15 @@ class _Full:
             return self.source
         pieces = p.pieces[tp]
         real = p.shape[p.split.dim]
+        if pieces == [(0, real)]:
+            return self.source
         if p.split.dim == 0 and all(b <= real for _, b in pieces):
             row = numel(p.shape[1:]) * p.dtype.itemsize
             return concat_sources([self.source.window(a * row, (b - a) * row) for a, b in pieces])
+        if p.split.dim == 1 and isinstance(self.source, FileRanges):
+            inner = numel(p.shape[2:]) * p.dtype.itemsize
+            return FileRanges(column_ranges(p.shape[0], [(self.source.ranges, real * inner, a * inner, (b - a) * inner)
+                                                         for a, b in pieces]))
         return MemoryBytes.of(shard(self.tensor(), p.split.dim, pieces))
 
     def tensor(self) -> torch.Tensor:
