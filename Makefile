@@ -25,7 +25,8 @@ bench-venv:
 	bash benchmarks/setup_mindformers.sh
 
 bench: setup bench-venv
-	$(PY) benchmarks/bench_convert.py --plot benchmarks/results/bench.png
+	$(PY) benchmarks/bench_convert.py --repeat 3 --plot benchmarks/results/bench.png
+	$(PY) benchmarks/bench_megatron.py
 
 bench-quick: setup
 	$(PY) benchmarks/bench_convert.py --quick

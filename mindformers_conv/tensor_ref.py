@@ -6,6 +6,7 @@ import itertools
 import math
 import mmap
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -193,7 +194,7 @@ class FileRanges(ByteSource):
                     yield memoryview(os.pread(f.fileno(), min(self.PIECE, size - start), offset + start))
 
     def view(self, start: int, length: int, scratch: memoryview) -> memoryview:
-        """One 8-byte-aligned range is mapped (copy-on-write, never written: no copy); else read into `scratch`."""
+        """One 8-byte-aligned range is mapped (read-only, no copy); else read into `scratch`."""
         ranges = sub_ranges(self.ranges, start, length)
         if len(ranges) == 1 and ranges[0][1] % 8 == 0:
             return _mapped(*ranges[0])
@@ -208,15 +209,25 @@ class FileRanges(ByteSource):
         return scratch[:length]
 
 
+def tensor_over(raw: memoryview, dtype: DType, shape: Shape) -> torch.Tensor:
+    """A tensor sharing `raw`'s bytes, also a read-only view of a mapping (it is only read, never written)."""
+    if not raw.nbytes:
+        return torch.empty(shape, dtype=dtype.torch)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype.torch).reshape(shape)
+
+
 def _mapped(path: str, offset: int, size: int) -> memoryview:
-    """Bytes of a file as a writable view of a private mapping (the mapping lives as long as the view)."""
+    """Bytes of a file as a read-only view of its page cache, mapped and populated at once (faulting the
+    pages in one by one while casting costs twice the cast); the mapping lives as long as the view."""
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     with open(path, "rb", buffering=0) as f:
         if os.fstat(f.fileno()).st_size < offset + size:
             from .errors import BadInput
             raise BadInput(f"{path}: unexpected end of file before byte {offset + size}")
-        window = mmap.mmap(f.fileno(), offset + size - start, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        window = mmap.mmap(f.fileno(), offset + size - start, prot=mmap.PROT_READ, offset=start,
+                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     return memoryview(window)[offset - start:]
 
 
@@ -319,7 +330,7 @@ class CastBytes(ByteSource):
             for k, at in enumerate(range(first, first + count, step)):
                 n = min(step, first + count - at)
                 out = outs[k % buffers][:n * out_size]
-                cast(self.source.view(at * size, n * size, scratch), out, scratch)
+                cast(self.source.view(at * size, n * size, scratch), out)
                 yield out
 
 
@@ -330,16 +341,13 @@ def _chunk_cast(source: DType, target: DType):
     if dtypes.shift_widens(source, target):
         import numpy as np
 
-        yield lambda raw, out, scratch: np.left_shift(np.frombuffer(raw, np.uint16), 16,
-                                                      out=np.frombuffer(out, np.uint32), dtype=np.uint32)
+        yield lambda raw, out: np.left_shift(np.frombuffer(raw, np.uint16), 16, out=np.frombuffer(out, np.uint32),
+                                             dtype=np.uint32)
         return
 
-    def cast(raw: memoryview, out: memoryview, scratch: memoryview) -> None:
-        if raw.readonly:  # torch.frombuffer wants a writable buffer
-            scratch[:len(raw)] = raw
-            raw = scratch[:len(raw)]
-        dtypes.cast_into(torch.frombuffer(raw, dtype=torch.uint8).view(source.torch),
-                         torch.frombuffer(out, dtype=torch.uint8).view(target.torch))
+    def cast(raw: memoryview, out: memoryview) -> None:
+        count = len(out) // target.itemsize
+        dtypes.cast_into(tensor_over(raw, source, (count,)), tensor_over(out, target, (count,)))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # chunks are too small to share: a busy second core makes every op wait for it

@@ -21,7 +21,7 @@ from ..formats.torch_pickle import PickleWriter
 from ..outfile import OutputFile
 from ..plan import Plan
 from ..progress import byte_bar
-from ..tensor_ref import ByteSource, FileRanges, MemoryBytes, column_ranges, concat_sources, numel
+from ..tensor_ref import ByteSource, FileRanges, MemoryBytes, column_ranges, concat_sources, numel, tensor_over
 from .layout import MegatronLayout, Parallel, Placement, place
 from .tensor_parallel import shard
 from ..lazy import torch
@@ -161,7 +161,6 @@ class _Full:
     def tensor(self) -> torch.Tensor:
         if self._tensor is None:
             nbytes = self.source.nbytes
-            raw = self.source.view(0, nbytes, memoryview(bytearray(nbytes)))
-            flat = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-            self._tensor = flat.view(self.p.dtype.torch).reshape(self.p.shape)
+            self._tensor = tensor_over(self.source.view(0, nbytes, memoryview(bytearray(nbytes))), self.p.dtype,
+                                       self.p.shape)
         return self._tensor
