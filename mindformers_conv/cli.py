@@ -13,7 +13,7 @@ from .convert import Options, Result, convert
 from .dtypes import parse_user_dtype
 from .errors import ConvError, UsageError
 from .formats.outputs import parse_size
-from .megatron.run import megatron_spec
+from .megatron.detect import megatron_spec
 
 
 def str2bool(text: str) -> bool:

@@ -241,7 +241,8 @@ class OutputFile:
             self._raise(e)
 
     def _raise(self, e: OSError):
-        reason = "disk full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror
+        reason = "disk full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else \
+            "a source file shrank while it was being read" if e.errno == errno.EFAULT else e.strerror  # mapped write
         raise OutputError(f"cannot write {self.final}: {reason}") from None
 
     def close(self) -> None:

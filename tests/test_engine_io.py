@@ -94,16 +94,17 @@ def test_a_source_shorter_than_the_copy_is_a_clear_error(tmp_path):
     out.abort()
 
 
-def test_a_copy_error_that_is_not_unsupported_is_reported(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code, reason", [(28, "disk full"), (14, "a source file shrank while it was being read")])
+def test_a_copy_error_that_is_not_unsupported_is_reported(tmp_path, monkeypatch, code, reason):
     source = tmp_path / "in.bin"
     source.write_bytes(b"x" * 100)
 
-    def full(*args):
-        raise OSError(28, "No space left on device")
+    def failing(*args):
+        raise OSError(code, os.strerror(code))  # ENOSPC; EFAULT: a mapped write past a file cut short meanwhile
 
-    monkeypatch.setattr(outfile, "KERNEL_COPIES", (full,))
+    monkeypatch.setattr(outfile, "KERNEL_COPIES", (failing,))
     out = outfile.OutputFile(tmp_path / "out.bin")
-    with pytest.raises(outfile.OutputError, match=r"cannot write .*out\.bin: disk full"):
+    with pytest.raises(outfile.OutputError, match=rf"cannot write .*out\.bin: {reason}"):
         out.copy_from(str(source), 0, 100)
     out.abort()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +286,8 @@ class DcpWriter:
         self.planner[index.fqn] = path
 
     def metadata_bytes(self) -> bytes:
+        import uuid
+
         from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
         version = self.state.pop(VERSION_KEY)
         self.state[VERSION_KEY] = version  # torch lists it after the model's entries

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .. import lora, registry
+from .. import lora
 from ..convert import Options, Result, check_not_input, convert, load_config, load_config_in
 from ..errors import UsageError
 from ..formats import dcp as dcp_fmt
@@ -21,20 +21,7 @@ from .dcp import read_dcp_source, write_dcp
 from .options import kept, with_llm_from
 from .read import MegatronSource, read_megatron
 from .write import as_layout, plan_rank_files, write_rank_files
-
-
-def megatron_spec(model: str, target: str | None, input_path: str, config_path: str | None,
-                   flags: dict) -> ModelSpec | None:
-    """The Megatron declaration to use when the output or the input is Megatron, else None."""
-    megatron_input = fmt.is_megatron(input_path) or dcp_fmt.is_dcp(input_path)
-    if target not in TARGETS and not megatron_input:
-        return None
-    if model != "auto":
-        return registry.get_megatron(model)
-    folder = Path(input_path) if megatron_input else open_input(input_path).folder
-    spec, evidence = registry.detect_megatron(load_config_in(folder, config_path, flags))
-    print(f"model: {spec.key} (detected from {evidence})")
-    return spec
+from .detect import TARGETS
 
 
 def convert_megatron(spec: ModelSpec, input_path: str, output_path: str, *, reverse: bool, options: Options) -> Result:
@@ -74,7 +61,6 @@ def convert_megatron(spec: ModelSpec, input_path: str, output_path: str, *, reve
     return _write(plan, layout, source, output_path, options)
 
 
-TARGETS = ("megatron", "dcp")
 TOWER_FLAGS = ("_pp_layers", "_tp")  # --{tower}_pp_layers, --{tower}_tp
 
 
