@@ -14,7 +14,7 @@ from .errors import OutputError
 from .tensor_ref import Ranges
 
 TMP_SUFFIX = ".partial"
-WRITE_PIECE = 256 << 10  # bytes per write(): as fast as copy_file_range's pieces (benchmarks/README.md)
+WRITE_PIECE = 4 << 20  # bytes per write() from memory: a cast's whole chunk (benchmarks/README.md)
 MAP_WINDOW = 16 << 20  # bytes of a source file mapped at a time by a mapped write
 MAP_WRITE_PIECE = 1 << 20  # bytes per write() from a mapping (benchmarks/README.md: 256 KiB is slower there)
 IOV_MAX = 1024  # pieces per writev() (Linux's limit)
@@ -170,7 +170,7 @@ class OutputFile:
         self._advance(len(view))
 
     def _write_all(self, view: memoryview) -> None:
-        while view:  # WRITE_PIECE at a time: huge writes fill the page cache with costly 2 MiB folios
+        while view:  # WRITE_PIECE at a time: a huge buffer is written in bounded steps
             view = view[self._io(os.write, self.fd, view[:WRITE_PIECE]):]
 
     def copy_from(self, path: str, offset: int, length: int) -> None:
