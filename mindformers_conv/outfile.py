@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import OutputError
-from .tensor_ref import Ranges
+from .tensor_ref import Ranges, map_pages
 
 TMP_SUFFIX = ".partial"
 WRITE_PIECE = 4 << 20  # bytes per write() from memory: a cast's whole chunk (benchmarks/README.md)
@@ -54,18 +54,16 @@ def _alive(pid: int) -> bool:
 def _mapped_write(src: int, dst: int, offset: int, length: int) -> int:
     """write() straight from a read-only mapping of the source's page cache: the kernel copies each byte
     once, whatever the two offsets are (a copy_file_range between different page offsets costs ≈ 1.3 ×)."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    size = min(offset + length, start + MAP_WINDOW, os.fstat(src).st_size) - start
-    if size <= offset - start:
+    end = min(offset + length, offset - offset % mmap.ALLOCATIONGRANULARITY + MAP_WINDOW, os.fstat(src).st_size)
+    if end <= offset:
         return 0  # at the end of the file
-    window = mmap.mmap(src, size, prot=mmap.PROT_READ, offset=start,
-                       flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    start, window = map_pages(src, offset, end)
     with window:
         view = memoryview(window)
-        done, end = offset - start, size
+        done = offset - start
         try:
-            while done < end:
-                done += os.write(dst, view[done:min(end, done + MAP_WRITE_PIECE)])
+            while done < len(view):
+                done += os.write(dst, view[done:done + MAP_WRITE_PIECE])
         finally:
             view.release()
     return done - (offset - start)
@@ -111,11 +109,11 @@ def _map(files: dict[str, tuple[int, int]], path: str, offset: int, end: int) ->
         fd = os.open(path, os.O_RDONLY)
         files[path] = fd, os.fstat(fd).st_size
     fd, size = files[path]
-    start, end = offset - offset % mmap.ALLOCATIONGRANULARITY, min(end, size)
+    end = min(end, size)
     if end <= offset:
         raise OutputError(f"{path}: unexpected end of file at byte {offset}")
-    return start, memoryview(mmap.mmap(fd, end - start, prot=mmap.PROT_READ, offset=start,
-                                       flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)))
+    start, window = map_pages(fd, offset, end)
+    return start, memoryview(window)
 
 
 def _region_end(ranges: list, index: int) -> int:

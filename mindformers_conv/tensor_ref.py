@@ -218,16 +218,22 @@ def tensor_over(raw: memoryview, dtype: DType, shape: Shape) -> torch.Tensor:
         return torch.frombuffer(raw, dtype=torch.uint8).view(dtype.torch).reshape(shape)
 
 
-def _mapped(path: str, offset: int, size: int) -> memoryview:
-    """Bytes of a file as a read-only view of its page cache, mapped and populated at once (faulting the
-    pages in one by one while casting costs twice the cast); the mapping lives as long as the view."""
+def map_pages(fd: int, offset: int, end: int) -> tuple[int, mmap.mmap]:
+    """A read-only mapping of a file's bytes [offset, end), from the page boundary below `offset`, its page
+    table filled at once (faulting pages in one by one costs as much as copying them); returns (the file
+    offset it starts at, the mapping)."""
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    return start, mmap.mmap(fd, end - start, prot=mmap.PROT_READ, offset=start,
+                            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+
+
+def _mapped(path: str, offset: int, size: int) -> memoryview:
+    """Bytes of a file as a read-only view of its page cache; the mapping lives as long as the view."""
     with open(path, "rb", buffering=0) as f:
         if os.fstat(f.fileno()).st_size < offset + size:
             from .errors import BadInput
             raise BadInput(f"{path}: unexpected end of file before byte {offset + size}")
-        window = mmap.mmap(f.fileno(), offset + size - start, prot=mmap.PROT_READ, offset=start,
-                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        start, window = map_pages(f.fileno(), offset, offset + size)
     return memoryview(window)[offset - start:]
 
 
