@@ -342,8 +342,13 @@ class CastBytes(ByteSource):
 
 @contextmanager
 def _chunk_cast(source: DType, target: DType):
-    """A function casting one chunk's bytes into `out`: numpy's shift for bf16 → fp32 (exact, NaN payloads
-    included, and no torch import), else torch's cast with the NaNs kept (dtypes.cast_into)."""
+    """A function casting one chunk's bytes into `out`, bit-exact with dtypes.cast (NaN payloads kept): the C
+    loops of _floatcast.c where they were built (F32/F16/BF16), else numpy's shift for bf16 → fp32, else
+    torch's cast. Only the last imports torch."""
+    compiled = _compiled_cast(source, target)
+    if compiled is not None:
+        yield compiled
+        return
     if dtypes.shift_widens(source, target):
         import numpy as np
 
@@ -361,6 +366,17 @@ def _chunk_cast(source: DType, target: DType):
         yield cast
     finally:
         torch.set_num_threads(threads)
+
+
+def _compiled_cast(source: DType, target: DType) -> Callable[[memoryview, memoryview], None] | None:
+    """The compiled cast between two dtypes, or None (no such loop, or the extension was not built)."""
+    try:
+        from . import _floatcast
+    except ImportError:
+        return None
+    if (source.code, target.code) not in _floatcast.pairs():
+        return None
+    return lambda raw, out: _floatcast.cast(raw, out, source.code, target.code)
 
 
 _REUSED: dict[str, bytearray] = {}

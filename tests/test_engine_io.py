@@ -123,8 +123,21 @@ def special_values(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
 CASTS = [("BF16", "F32"), ("F32", "BF16"), ("F32", "F16"), ("F16", "F32"), ("F16", "BF16"), ("BF16", "F16")]
 
 
+@pytest.fixture(params=["compiled", "portable", "without-extension"])
+def cast_loops(request, monkeypatch) -> str:
+    """Each way a chunk is cast: the C loops (fast, portable), and numpy's shift or torch without them."""
+    if request.param == "portable":
+        from mindformers_conv import _floatcast
+
+        monkeypatch.setattr(tensor_ref, "_compiled_cast", lambda s, t: lambda raw, out: _floatcast.cast(
+            raw, out, s.code, t.code, portable=True))
+    elif request.param == "without-extension":
+        monkeypatch.setattr(tensor_ref, "_compiled_cast", lambda s, t: None)  # as if it had not been built
+    return request.param
+
+
 @pytest.mark.parametrize("pair", CASTS, ids=["-".join(p) for p in CASTS])
-def test_a_streamed_cast_is_the_whole_tensor_cast(tmp_path, monkeypatch, pair):
+def test_a_streamed_cast_is_the_whole_tensor_cast(tmp_path, monkeypatch, pair, cast_loops):
     """Every 16-bit pattern (random 32-bit ones), from a file at an odd offset (read) and at an aligned one
     (mapped), and from memory; pieces, windows, and the threaded write_to all give `dtypes.cast`'s bytes."""
     monkeypatch.setattr(tensor_ref, "CAST_CHUNK", 4099)  # many chunks, windows across them

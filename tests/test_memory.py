@@ -103,7 +103,8 @@ def test_the_measurement_sees_a_whole_model_load(big_model, baseline):
 
 def test_a_rename_only_conversion_never_imports_torch(tiny_llama, tmp_path):
     """Moving bytes needs no torch (its import costs ~1 s and ~200 MB): bf16 → bf16 both ways, in a fresh
-    interpreter, and bf16 → fp32; a cast that rounds does import it."""
+    interpreter, and casts between fp32, fp16 and bf16; only without the compiled casts does a cast that
+    rounds import it."""
     import subprocess
     import sys
 
@@ -119,7 +120,11 @@ def test_a_rename_only_conversion_never_imports_torch(tiny_llama, tmp_path):
     assert run("--model", "llama", "--input_path", hf, "--output_path", ckpt, "--dtype", "bf16") == "0 False"
     assert run("--model", "llama", "--reversed", "--input_path", ckpt, "--output_path", f"{tmp_path}/back/",
                "--config_path", hf) == "0 False"
-    # llama's default F32 is bf16's bits shifted (numpy); other casts take torch
-    assert run("--model", "llama", "--input_path", hf, "--output_path", tmp_path / "f.ckpt") == "0 False"
+    # casts between fp32, fp16 and bf16 run in C (_floatcast.c); without it, bf16 → fp32 (llama's default) is
+    # numpy's shift and casts that round take torch
     assert run("--model", "llama", "--input_path", hf, "--output_path", tmp_path / "h.ckpt", "--dtype", "fp16") \
+        == "0 False"
+    code = "import sys; sys.modules['mindformers_conv._floatcast'] = None; " + code
+    assert run("--model", "llama", "--input_path", hf, "--output_path", tmp_path / "f.ckpt") == "0 False"
+    assert run("--model", "llama", "--input_path", hf, "--output_path", tmp_path / "h2.ckpt", "--dtype", "fp16") \
         == "0 True"
