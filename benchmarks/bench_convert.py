@@ -18,6 +18,7 @@ bytes read from /proc/<pid>/io), warm page cache:
     HF→MS folder -j N    bf16 into a folder of 300 MB MindSpore safetensors shards, in 1 and 2 worker
                          processes (main model only)
     MS→HF bf16 folder    --reversed of that bf16 .ckpt into an HF folder
+    MS→HF fp16→bf16      --reversed of the fp16 .ckpt with --dtype bf16 (a cast back), main model only
     MF HF→MS bf16        MindFormers' convert_pt_to_ms(..., dtype=bf16)        (benchmarks/run_mindformers.py,
     MF MS→HF bf16 .bin   MindFormers' convert_ms_to_pt of our bf16 .ckpt       in benchmarks/.venv-mindformers)
 
@@ -118,10 +119,14 @@ def model_steps(src: Path, work: Path, largest: int, main: bool, mindformers: bo
             steps.append(Step(f"HF→MS folder -j {jobs}", fwd + ["--output_path", f"{out}/", "--dtype", "bf16",
                                                                 "--max_shard_size", "300MB", "-j", str(jobs)],
                               src, out, "ms:bf16", largest, WALL_SAME))
-    steps.append(Step("MS→HF bf16 folder", CONVERT + ["--model", "llama", "--reversed", "--input_path", str(ckpt16),
-                                                      "--output_path", f"{back}/", "--config_path", str(src),
-                                                      "--no-progress"],
+    back_argv = CONVERT + ["--model", "llama", "--reversed", "--config_path", str(src), "--no-progress"]
+    steps.append(Step("MS→HF bf16 folder", back_argv + ["--input_path", str(ckpt16), "--output_path", f"{back}/"],
                       ckpt16, back, "hf:bf16", largest, WALL_SAME, rival="MF MS→HF bf16 .bin"))
+    if main:  # the fp16 .ckpt back to bf16: a cast on the way back
+        ckpt_fp16, back_cast = work / "llama_fp16.ckpt", work / "hf_back_cast"
+        steps.append(Step("MS→HF fp16→bf16", back_argv + ["--input_path", str(ckpt_fp16), "--output_path",
+                                                          f"{back_cast}/", "--dtype", "bf16"],
+                          ckpt_fp16, back_cast, "hf:fp16>bf16", largest, WALL_CAST))
     if mindformers:
         mf = [str(MF_PYTHON), str(BENCH / "run_mindformers.py")]
         mf_ckpt, mf_bin = work / "mf_bf16.ckpt", work / "mf_back.bin"

@@ -4,7 +4,7 @@
 
 KIND is `hf` (a safetensors folder), `ckpt` (a MindSpore .ckpt, MindFormers' llama names) or `bin` (a torch
 pickle of HF names, MindFormers' reverse output); DTYPE is what every tensor must be: the source cast to it
-(bf16 → fp16/fp32 by torch). Names are mapped with the hand-written table below, not the converter's.
+(bf16 → fp16/fp32 by torch), or through several (`fp16>bf16`: to fp16, then back to bf16). Names are mapped with the hand-written table below, not the converter's.
 Prints one line per problem and exits 1 when there is any. Run as its own process by bench_convert.py, so
 the measuring process never imports torch.
 """
@@ -77,13 +77,15 @@ def output_tensors(kind: str, path: Path, source_names: list[str]) -> dict:
 def check(src: Path, kind: str, dtype: str, path: Path) -> list[str]:
     import torch
 
-    want_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    casts = [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d] for d in dtype.split(">")]
     source = safetensors_tensors(src)
     got = output_tensors(kind, path, list(source))
     problems = [f"{path.name}: unexpected tensor {n}" for n in sorted(got.keys() - source.keys())]
     problems += [f"{path.name}: missing {n}" for n in sorted(source.keys() - got.keys())]
     for name in sorted(source.keys() & got.keys()):
-        want, have = source[name]().to(want_dtype), got[name]()
+        want, have = source[name](), got[name]()
+        for cast in casts:
+            want = want.to(cast)
         if have.dtype != want.dtype or tuple(have.shape) != tuple(want.shape) or not torch.equal(
                 have.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)):
             problems.append(f"{path.name}: {name} differs from the source ({have.dtype} {tuple(have.shape)})")

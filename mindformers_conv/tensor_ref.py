@@ -298,13 +298,18 @@ class CastBytes(ByteSource):
         return self.source.nbytes // self.from_dtype.itemsize * self.dtype.itemsize
 
     def write_to(self, out, start: int = 0, length: int | None = None) -> None:
-        """Casts a chunk while a helper thread writes the one before (torch and write() both release the
-        GIL: the two cores share the work); two output buffers take turns."""
+        """Casts a chunk while a helper thread writes the one before (the casts and write() release the GIL:
+        the two cores share the work); two output buffers take turns. One chunk is written right away."""
+        length = self.nbytes - start if length is None else length
+        if length <= CAST_CHUNK * self.dtype.itemsize:
+            for chunk in self._cast(start, length):
+                out.write(chunk)
+            return
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1) as writer:
             pending = None
-            for chunk in self._cast(start, self.nbytes - start if length is None else length, buffers=2):
+            for chunk in self._cast(start, length, buffers=2):
                 if pending is not None:
                     pending.result()
                 pending = writer.submit(out.write, chunk)
