@@ -446,14 +446,15 @@ class ModelSpec:
     config_rules: Callable[[Config], tuple[Rule, ...]] | None = field(default=None, compare=False)
     aliases: tuple[Alias, ...] = ()  # tensors MindSpore stores once and HF twice
 
-    def all_rules(self, cfg: Config | None = None) -> tuple[Rule, ...]:
-        """The rules in force: all of them, or (given a config) those whose `when` holds.
+    def all_rules(self, cfg: Config | None = None, lora: bool = True) -> tuple[Rule, ...]:
+        """The rules in force: all of them, or (given a config) those whose `when` holds; without the LoRA
+        rules when `lora` is false (every LoRA name has `lora` in it: a plan of names without skips them).
 
         LoRA rules come first: a MindSpore LoRA name (`….wq.tk_delta_lora_a`) would match `….wq.{p}`.
         """
         style = "lora" if cfg and cfg.get("is_lora") else self.lora_style  # v1.4+'s `--is_lora` names
         own = self.config_rules(cfg) + self.rules if cfg is not None and self.config_rules else self.rules
-        rules = lora_rules(self.rules, style) + own + self.extra_rules
+        rules = (lora_rules(self.rules, style) if lora else ()) + own + self.extra_rules
         return rules if cfg is None else tuple(r for r in rules if r.when is None or r.when(cfg))
 
     def variant(self, key: str, description: str, **changes) -> "ModelSpec":

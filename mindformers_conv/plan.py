@@ -119,7 +119,7 @@ def build_plan(spec: ModelSpec, refs: dict[str, TensorRef], *, reverse: bool, dt
     """
     refs = _with_tied_alias(spec, refs, reverse, cfg)
     refs = _with_aliases(spec, refs) if reverse else refs
-    rules = spec.all_rules(cfg)
+    rules = spec.all_rules(cfg, lora=any("lora" in name for name in refs))
     groups: dict[tuple, dict[tuple, TensorRef]] = {}
     unmapped: list[str] = []
     plan_dropped: dict[str, list[str]] = {}
