@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import math
 import mmap
@@ -174,18 +176,25 @@ class MemoryBytes(ByteSource):
 class FileRanges(ByteSource):
     ranges: Ranges
 
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        """Where each range starts in the concatenation, and the total at the end."""
+        return list(itertools.accumulate((r[2] for r in self.ranges), initial=0))
+
     @property
     def nbytes(self) -> int:
-        return sum(r[2] for r in self.ranges)
+        return self._starts[-1]
 
     def write_to(self, out, start: int = 0, length: int | None = None) -> None:
         ranges = self.ranges
         if start or length is not None:
-            ranges = sub_ranges(ranges, start, self.nbytes - start if length is None else length)
+            ranges = self.window(start, self.nbytes - start if length is None else length).ranges
         out.copy_ranges(ranges)
 
     def window(self, start: int, length: int) -> "FileRanges":
-        return FileRanges(sub_ranges(self.ranges, start, length))
+        """Found by bisection: a cast walks a TP column slice (a range per row) a chunk at a time."""
+        first = max(0, bisect.bisect_right(self._starts, start) - 1)
+        return FileRanges(sub_ranges(self.ranges[first:], start - self._starts[first], length))
 
     def pieces(self):
         for path, offset, size in self.ranges:
@@ -195,17 +204,22 @@ class FileRanges(ByteSource):
 
     def view(self, start: int, length: int, scratch: memoryview) -> memoryview:
         """One 8-byte-aligned range is mapped (read-only, no copy); else read into `scratch`."""
-        ranges = sub_ranges(self.ranges, start, length)
+        ranges = self.window(start, length).ranges
         if len(ranges) == 1 and ranges[0][1] % 8 == 0:
             return _mapped(*ranges[0])
-        pos = 0
-        for path, offset, size in ranges:
-            with open(path, "rb", buffering=0) as f:
-                got = os.preadv(f.fileno(), [scratch[pos:pos + size]], offset)
-            if got != size:
-                from .errors import BadInput
-                raise BadInput(f"{path}: unexpected end of file at byte {offset + got}")
-            pos += size
+        pos, files = 0, {}
+        try:
+            for path, offset, size in ranges:  # a column slice: a range per row, of a few files
+                if path not in files:
+                    files[path] = os.open(path, os.O_RDONLY)
+                got = os.preadv(files[path], [scratch[pos:pos + size]], offset)
+                if got != size:
+                    from .errors import BadInput
+                    raise BadInput(f"{path}: unexpected end of file at byte {offset + got}")
+                pos += size
+        finally:
+            for fd in files.values():
+                os.close(fd)
         return scratch[:length]
 
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from test_mapping import FLOATS, random_tensor, same
 
 from mindformers_conv import dtypes
+from mindformers_conv.cli import main
 from mindformers_conv.mapping import ModelSpec, config_heads, equal_parts, invert, qkv_grouped, split, transform
 from mindformers_conv.plan import build_plan
 from mindformers_conv.tensor_ref import FileRanges, TensorRef
@@ -116,3 +117,27 @@ def test_llama_to_megatron_back_and_reshard_never_import_torch(tiny_llama, tmp_p
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == [[0, 0, 0], False]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_a_cast_to_megatron_is_the_uncast_layout_cast_and_never_imports_torch(tiny_llama, tmp_path, dtype):
+    """A cast from bf16: row blocks and TP column pieces are cast on the way, in files (no torch); every
+    rank file holds the bf16 conversion's tensors cast."""
+    from megatron_helpers import assert_same_rank_files, rank_files
+
+    hf = tiny_llama()
+    argv = ["--model", "llama", "--no-progress", "--input_path", str(hf), "--target", "megatron", "--tp", "2",
+            "--llm_pp_layers", "1,1"]
+    code = ("import json, sys; from mindformers_conv.cli import main; "
+            f"code = main({argv!r} + ['--output_path', {str(tmp_path / dtype)!r}, '--dtype', {dtype!r}]); "
+            "print(json.dumps([code, 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == [0, False]
+    assert main(argv + ["--output_path", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    cast = rank_files(tmp_path / "bf16")
+    for state in cast.values():
+        for key, tensors in state.items():
+            if key.startswith("model"):
+                state[key] = {name: dtypes.cast(t, dtypes.parse_user_dtype(dtype)) for name, t in tensors.items()}
+    assert_same_rank_files(rank_files(tmp_path / dtype), cast)

@@ -21,7 +21,8 @@ from ..formats.torch_pickle import PickleWriter
 from ..outfile import OutputFile
 from ..plan import Plan
 from ..progress import byte_bar
-from ..tensor_ref import ByteSource, FileRanges, MemoryBytes, column_ranges, concat_sources, numel, tensor_over
+from ..tensor_ref import ByteSource, CastBytes, FileRanges, MemoryBytes, column_ranges, concat_sources, numel, \
+    tensor_over
 from .layout import MegatronLayout, Parallel, Placement, place
 from .tensor_parallel import shard
 from ..lazy import torch
@@ -152,11 +153,22 @@ class _Full:
         if p.split.dim == 0 and all(b <= real for _, b in pieces):
             row = numel(p.shape[1:]) * p.dtype.itemsize
             return concat_sources([self.source.window(a * row, (b - a) * row) for a, b in pieces])
-        if p.split.dim == 1 and isinstance(self.source, FileRanges):
-            inner = numel(p.shape[2:]) * p.dtype.itemsize
-            return FileRanges(column_ranges(p.shape[0], [(self.source.ranges, real * inner, a * inner, (b - a) * inner)
-                                                         for a, b in pieces]))
+        if p.split.dim == 1:
+            columns = self._columns(pieces, real)
+            if columns is not None:
+                return columns
         return MemoryBytes.of(shard(self.tensor(), p.split.dim, pieces))
+
+    def _columns(self, pieces: list, real: int) -> ByteSource | None:
+        """Column slices of a matrix in files as a piece per row, cast on the way when the tensor is."""
+        cast = self.source if isinstance(self.source, CastBytes) else None
+        raw = cast.source if cast else self.source
+        if not isinstance(raw, FileRanges):
+            return None
+        inner = numel(self.p.shape[2:]) * (cast.from_dtype if cast else self.p.dtype).itemsize
+        columns = FileRanges(column_ranges(self.p.shape[0], [(raw.ranges, real * inner, a * inner, (b - a) * inner)
+                                                            for a, b in pieces]))
+        return CastBytes(columns, cast.from_dtype, cast.dtype) if cast else columns
 
     def tensor(self) -> torch.Tensor:
         if self._tensor is None:
