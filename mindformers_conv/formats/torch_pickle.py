@@ -14,10 +14,14 @@ import pickle
 import struct
 import warnings
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+try:  # ISA-L's CRC-32 (carry-less multiply): ≈ 5 × zlib's speed, the same values
+    from isal.isal_zlib import crc32
+except ImportError:
+    from zlib import crc32
 
 
 from .. import dtypes
@@ -381,7 +385,7 @@ class PickleWriter:
 
     def _record(self, name: str, data) -> None:
         """A stored record; a ByteSource's CRC-32 (its local header's, filled in at close) is read back
-        from the output on a second thread while the next records are written (zlib releases the GIL)."""
+        from the output on a second thread while the next records are written (the CRC releases the GIL)."""
         fname = f"{self.prefix}/{name}".encode()
         size = data.nbytes
         offset = self.out.position - self.base
@@ -392,7 +396,7 @@ class PickleWriter:
                                    len(fname), len(extra)) + fname + extra)
         if isinstance(data, memoryview):
             self.out.write(data)
-            crc = zlib.crc32(data)
+            crc = crc32(data)
         else:
             start = self.out.position
             data.write_to(self.out)
@@ -418,6 +422,6 @@ def _written_crc(path: Path, offset: int, length: int) -> int:
     """CRC-32 of bytes already written to a file, read through a mapping of its page cache (no copy)."""
     crc = 0
     for (view,), _ in mapped_views(((str(path), offset, length),)):
-        crc = zlib.crc32(view, crc)
+        crc = crc32(view, crc)
     return crc
 
