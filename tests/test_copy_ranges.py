@@ -12,8 +12,7 @@ import torch
 from mindformers_conv import outfile
 from mindformers_conv.formats import torch_pickle
 from mindformers_conv.synthetic import LlamaShape, write_llama
-from mindformers_conv.errors import BadInput
-from mindformers_conv.tensor_ref import FileRanges, StridedColumns, column_ranges, columns
+from mindformers_conv.tensor_ref import FileRanges, column_ranges
 
 
 def random_file(path, n, seed):
@@ -35,12 +34,6 @@ def pieces(sources):
                               (((b, 5, 19_300), (b, 19_305, len(db) - 19_305)), 1300, 901, 333)])
     assert len(rows) == 81 and rows[0] == (a, 17, 300) and rows[1] == (b, 906, 333)
     return rows + ((a, 3, 50_000), (b, 0, 0), (a, 59_990, 10))
-
-
-def column_blocks(sources):
-    """Two column blocks, of a matrix in each file (40 rows), one at a file offset that is not a row's."""
-    (a, da), (b, db) = sources.items()
-    return [(((a, 0, len(da)),), 1100, 17, 300), (((b, 5, len(db) - 5),), 1300, 901, 333)]
 
 
 def expected(sources, ranges):
@@ -100,36 +93,3 @@ def test_megatron_rank_files_are_valid_zips_with_crcs_of_their_bytes(cli, tmp_pa
     for path in files:
         with zipfile.ZipFile(path) as zf:
             assert zf.testzip() is None
-
-
-def test_strided_columns_gather_the_bytes_of_their_column_ranges(tmp_path, monkeypatch, sources):
-    """Whole, a batch of rows at a time, as any window (whole rows or not, as a cast's chunks take them),
-    written from the start or from a window: the bytes of the per-row file ranges."""
-    monkeypatch.setattr(StridedColumns, "BATCH", 3000)  # several batches of 4 rows
-    blocks = column_blocks(sources)
-    gathered = columns(40, blocks)
-    assert isinstance(gathered, StridedColumns) and gathered.nbytes == 40 * 633
-    want = expected(sources, column_ranges(40, blocks))
-    assert b"".join(bytes(p) for p in gathered.pieces()) == want
-    scratch = memoryview(bytearray(len(want)))
-    for start, length in ((0, 633 * 5), (633 * 7, 633), (5, 3000), (633 * 39 + 1, 632), (0, len(want))):
-        assert bytes(gathered.view(start, length, scratch)) == want[start:start + length]
-        assert b"".join(bytes(p) for p in gathered.window(start, length).pieces()) == want[start:start + length]
-    for start, length in ((0, None), (100, 5000)):
-        out = outfile.OutputFile(tmp_path / "out.bin")
-        gathered.write_to(out, start, length)
-        out.commit()
-        assert (tmp_path / "out.bin").read_bytes() == want[start:None if length is None else start + length]
-
-
-def test_columns_of_a_matrix_in_several_ranges_stay_file_ranges(sources):
-    (a, da), _ = sources.items()
-    split = [(((a, 0, 1000), (a, 1000, len(da) - 1000)), 1100, 17, 300)]
-    assert columns(40, split) == FileRanges(column_ranges(40, split))
-
-
-def test_strided_columns_of_a_truncated_file_are_a_clear_error(sources):
-    (a, da), _ = sources.items()
-    gathered = columns(60, [(((a, 0, len(da)),), 1100, 17, 300)])  # 60 rows need 66,000 bytes
-    with pytest.raises(BadInput, match="unexpected end of file"):
-        list(gathered.pieces())

@@ -21,7 +21,8 @@ from ..formats.torch_pickle import PickleWriter
 from ..outfile import OutputFile
 from ..plan import Plan
 from ..progress import byte_bar
-from ..tensor_ref import ByteSource, CastBytes, FileRanges, MemoryBytes, columns, concat_sources, numel, tensor_over
+from ..tensor_ref import ByteSource, CastBytes, FileRanges, MemoryBytes, column_ranges, concat_sources, numel, \
+    tensor_over
 from .layout import MegatronLayout, Parallel, Placement, place
 from .tensor_parallel import shard
 from ..lazy import torch
@@ -159,14 +160,15 @@ class _Full:
         return MemoryBytes.of(shard(self.tensor(), p.split.dim, pieces))
 
     def _columns(self, pieces: list, real: int) -> ByteSource | None:
-        """Column slices of a matrix in files, gathered from them, cast on the way when the tensor is."""
+        """Column slices of a matrix in files as a piece per row, cast on the way when the tensor is."""
         cast = self.source if isinstance(self.source, CastBytes) else None
         raw = cast.source if cast else self.source
         if not isinstance(raw, FileRanges):
             return None
         inner = numel(self.p.shape[2:]) * (cast.from_dtype if cast else self.p.dtype).itemsize
-        sliced = columns(self.p.shape[0], [(raw.ranges, real * inner, a * inner, (b - a) * inner) for a, b in pieces])
-        return CastBytes(sliced, cast.from_dtype, cast.dtype) if cast else sliced
+        columns = FileRanges(column_ranges(self.p.shape[0], [(raw.ranges, real * inner, a * inner, (b - a) * inner)
+                                                            for a, b in pieces]))
+        return CastBytes(columns, cast.from_dtype, cast.dtype) if cast else columns
 
     def tensor(self) -> torch.Tensor:
         if self._tensor is None:
