@@ -5,10 +5,10 @@
  * top (widening: all) of their payload; a NaN whose kept payload is 0 gets the quiet bit. Every value goes
  * through its F32 bit pattern, which F16 and BF16 widen to exactly.
  *
- * The portable loops are branch-free integer code compilers vectorize. On x86-64 CPUs with F16C the casts
- * from or to F16 use the hardware conversions instead (several times faster); they quiet signalling NaNs, so
- * an 8-element block holding a NaN is redone by the portable code. `portable=True` forces the portable
- * loops (the tests check both against torch).
+ * The portable loops are branch-free integer code compilers vectorize. On x86-64 CPUs with AVX2 and F16C
+ * every pair goes 8 elements at a time, F16 through the hardware conversions (several times faster); those
+ * quiet signalling NaNs, so an 8-element block holding a NaN is redone by the portable code.
+ * `portable=True` forces the portable loops (the tests check both against torch).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

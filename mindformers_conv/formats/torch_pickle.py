@@ -18,17 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-try:  # ISA-L's CRC-32 (carry-less multiply): ≈ 5 × zlib's speed, the same values
-    from isal.isal_zlib import crc32
-except ImportError:
-    from zlib import crc32
-
-
 from .. import dtypes
 from ..errors import BadInput
 from ..outfile import OutputFile, mapped_views
 from ..tensor_ref import ByteSource, Shape, TensorRef
 from ..lazy import torch
+
+try:  # ISA-L's CRC-32 (carry-less multiply): ≈ 5 × zlib's speed, the same values
+    from isal.isal_zlib import crc32
+except ImportError:
+    from zlib import crc32
+
 
 ALIGN = 64
 _STORAGE_CLASS = {  # torch dtype name → the legacy storage class a torch.save pickle names
