@@ -11,7 +11,7 @@ from .distributed import Team
 from .errors import OutputError
 from .formats.ms_ckpt import SLICE_BYTES
 from .formats.outputs import CARRIED_FILES, Layout
-from .outfile import OutputFile
+from .outfile import OutputFile, room_for_files
 from .plan import Plan, Planned
 from .progress import byte_bar
 from .tensor_ref import ByteSource, FileRanges, MemoryBytes, TensorRef, cast_source, numel
@@ -84,6 +84,7 @@ def execute(plan: Plan, layout: Layout, *, progress: bool = True, carry_from: Pa
     committed: list[OutputFile] = []
 
     def write_share() -> None:
+        room_for_files(len(mine))
         for index in mine:
             outs[index] = OutputFile(layout.files[index].path, bar.update)
             written.append(outs[index])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import glob
 import itertools
@@ -39,6 +40,63 @@ def remove_stale_temps(final: Path) -> None:
         pid = path.name[len(final.name) + 2:-len(TMP_SUFFIX)]
         if pid.isdigit() and not _alive(int(pid)):
             path.unlink(missing_ok=True)
+
+
+def room_for_files(count: int) -> None:
+    """Room for `count` output files open at once (a 1024-rank distributed checkpoint writes 1024 files side by
+    side): the soft limit on open files is raised toward the hard one when short, as it may be unprivileged; a
+    clear error when the hard limit itself is short."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: nothing to raise
+        return
+    need = count + _open_files() + SOURCE_FILES + 32  # the outputs, what is open now, the sources, a margin
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise OutputError(f"writing {count} files at once needs about {need} open files, but the limit is {hard} "
+                          "(raise it with `ulimit -n`)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def _open_files() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc: a guess
+        return 64
+
+
+SOURCE_FILES = 64  # source files kept open at once, by all the outputs of the process together
+
+
+class _Sources:
+    """Read-only fds of the source files the outputs copy from, shared by every output file of the process,
+    the least recently used closed past SOURCE_FILES (each rank file of a distributed checkpoint reads every
+    source shard, and hundreds are written side by side); all closed when the last output file closes."""
+
+    def __init__(self):
+        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.users = 0  # output files open
+
+    def fd(self, path: str) -> int:
+        fd = self._fds.pop(path, None)
+        if fd is None:
+            if len(self._fds) >= SOURCE_FILES:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = os.open(path, os.O_RDONLY)
+        self._fds[path] = fd
+        return fd
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+_SOURCES = _Sources()
 
 
 def _alive(pid: int) -> bool:
@@ -154,13 +212,13 @@ class OutputFile:
         self.tmp = temp_name(self.final)
         remove_stale_temps(self.final)
         self._on_bytes = on_bytes or (lambda n: None)
-        self._sources: dict[str, int] = {}
         self._copies = KERNEL_COPIES
         self.position = 0
         try:
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             raise OutputError(f"cannot write {self.final}: {e.strerror}") from None
+        _SOURCES.users += 1
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -173,9 +231,7 @@ class OutputFile:
 
     def copy_from(self, path: str, offset: int, length: int) -> None:
         """Copy bytes of another file in the kernel (copy_file_range, then sendfile, then read/write)."""
-        src = self._sources.get(path)
-        if src is None:
-            src = self._sources[path] = os.open(path, os.O_RDONLY)
+        src = _SOURCES.fd(path)
         while length > 0:
             n = self._copy(src, offset, length)
             if n == 0:
@@ -244,12 +300,10 @@ class OutputFile:
         raise OutputError(f"cannot write {self.final}: {reason}") from None
 
     def close(self) -> None:
-        for fd in self._sources.values():
-            os.close(fd)
-        self._sources.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            _SOURCES.release()
 
     def commit(self) -> None:
         """Close and rename into place (atomic against interruption of this process)."""

@@ -290,3 +290,49 @@ def test_each_source_byte_is_read_once(tiny_llama, tmp_path):
     dry, real = reads("--model", "llama", "--reversed", "--input_path", tmp_path / "ms.ckpt", "--output_path",
                       f"{tmp_path / 'hf_back'}/", "--config_path", hf, "--max_shard_size", "300000", *fused)
     assert data + config <= real - dry <= data + config + 4096, real - dry - data
+
+
+# ---- open files ------------------------------------------------------------------------------------------
+
+def test_outputs_share_a_bounded_set_of_source_fds(tmp_path, monkeypatch):
+    """Forty outputs each copying from the same thirty sources (a distributed checkpoint's ranks) hold at
+    most SOURCE_FILES of them open; they are all closed with the last output."""
+    monkeypatch.setattr(outfile, "SOURCE_FILES", 8)
+    monkeypatch.setattr(outfile, "_SOURCES", outfile._Sources())
+    sources = []
+    for k in range(30):
+        (tmp_path / f"s{k}.bin").write_bytes(bytes([k]) * 5000)
+        sources.append(str(tmp_path / f"s{k}.bin"))
+    before = len(os.listdir("/proc/self/fd"))
+    outs = [outfile.OutputFile(tmp_path / f"o{i}.bin") for i in range(40)]
+    for out in outs:
+        for path in sources:
+            out.copy_from(path, 100, 50)
+    assert len(os.listdir("/proc/self/fd")) <= before + 40 + 8
+    for i, out in enumerate(outs):
+        out.commit()
+        assert (tmp_path / f"o{i}.bin").read_bytes() == b"".join(bytes([k]) * 50 for k in range(30))
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _write_many_shards(hf: Path, out: Path, soft: int, hard: int) -> subprocess.CompletedProcess:
+    """An MS safetensors folder of 18 shards (1 KB each at most), under the given limits on open files."""
+    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
+            "from mindformers_conv.cli import main; "
+            f"sys.exit(main(['--model', 'llama', '--input_path', {str(hf)!r}, '--output_path', {f'{out}/'!r}, "
+            "'--max_shard_size', '1KB', '--no-progress']))")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_a_low_soft_limit_on_open_files_is_raised_for_many_outputs(tiny_llama, tmp_path):
+    done = _write_many_shards(tiny_llama(), tmp_path / "out", soft=16, hard=4096)  # 18 outputs: 16 is short
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) == 18
+
+
+def test_a_hard_limit_too_low_for_the_outputs_is_one_clear_error(tiny_llama, tmp_path):
+    done = _write_many_shards(tiny_llama(), tmp_path / "out", soft=24, hard=24)
+    assert done.returncode == 5
+    assert done.stderr.startswith("error: writing 18 files at once needs about ")
+    assert done.stderr.endswith(" open files, but the limit is 24 (raise it with `ulimit -n`)\n")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

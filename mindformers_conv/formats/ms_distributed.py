@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import BadInput
 from ..lazy import torch
-from ..outfile import OutputFile, make_folder
+from ..outfile import OutputFile, make_folder, room_for_files
 from ..tensor_ref import ByteSource, MemoryBytes, Shape, TensorRef, from_chunks
 from . import ms_ckpt, ms_safetensors, safetensors_file
 from .safetensors_file import SafetensorsWriter
@@ -166,6 +166,7 @@ def write_distributed(refs: dict[str, TensorRef], strategy: Strategy, folder: Pa
     for path in paths:
         make_folder(path.parent)
     outs: list[OutputFile] = []
+    room_for_files(world)
     try:
         writers = []
         for rank, path in enumerate(paths):

@@ -18,7 +18,7 @@ from ..execute import GroupOutputs
 from ..formats import megatron as fmt
 from ..formats.outputs import FileSpec, Layout
 from ..formats.torch_pickle import PickleWriter
-from ..outfile import OutputFile
+from ..outfile import OutputFile, room_for_files
 from ..plan import Plan
 from ..progress import byte_bar
 from ..tensor_ref import ByteSource, CastBytes, FileRanges, MemoryBytes, column_ranges, concat_sources, numel, \
@@ -75,6 +75,7 @@ def write_rank_files(plan: Plan, files: list[RankFile], par: Parallel, root: Pat
     try:
         for pp in range(par.pp):
             stage = [f for f in files if f.pp == pp]
+            room_for_files(len(stage))
             chunks = [fmt.chunk_key(v, par.vpp) for v in range(par.vpp)]
             writers = {}
             for f in stage:
