@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -129,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `mindformers-conv inspect … | head`: the reader left; nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        if e.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        print(f"error: too many open files ({e.strerror}); raise the limit with `ulimit -n`", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -336,3 +336,16 @@ def test_a_hard_limit_too_low_for_the_outputs_is_one_clear_error(tiny_llama, tmp
     assert done.stderr.startswith("error: writing 18 files at once needs about ")
     assert done.stderr.endswith(" open files, but the limit is 24 (raise it with `ulimit -n`)\n")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_running_out_of_open_files_elsewhere_is_one_line(monkeypatch, capsys):
+    import errno
+
+    from mindformers_conv import cli
+
+    def short(args):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(cli, "_run", short)
+    assert cli.main(["--model", "llama", "--input_path", "x", "--output_path", "y"]) == 1
+    assert capsys.readouterr().err == "error: too many open files (Too many open files); raise the limit with `ulimit -n`\n"
