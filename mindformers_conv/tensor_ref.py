@@ -203,10 +203,9 @@ class FileRanges(ByteSource):
                     yield memoryview(os.pread(f.fileno(), min(self.PIECE, size - start), offset + start))
 
     def view(self, start: int, length: int, scratch: memoryview) -> memoryview:
-        """One 8-byte-aligned range is mapped (read-only, no copy); else read into `scratch`."""
+        """Read into `scratch`: as fast here as a view of a mapping, which would kill the process (SIGBUS)
+        where the file shrank meanwhile."""
         ranges = self.window(start, length).ranges
-        if len(ranges) == 1 and ranges[0][1] % 8 == 0:
-            return _mapped(*ranges[0])
         pos, files = 0, {}
         try:
             for path, offset, size in ranges:  # a column slice: a range per row, of a few files
@@ -224,7 +223,7 @@ class FileRanges(ByteSource):
 
 
 def tensor_over(raw: memoryview, dtype: DType, shape: Shape) -> torch.Tensor:
-    """A tensor sharing `raw`'s bytes, also a read-only view of a mapping (it is only read, never written)."""
+    """A tensor sharing `raw`'s bytes, read-only ones too (it is only read, never written)."""
     if not raw.nbytes:
         return torch.empty(shape, dtype=dtype.torch)
     with warnings.catch_warnings():
@@ -239,16 +238,6 @@ def map_pages(fd: int, offset: int, end: int) -> tuple[int, mmap.mmap]:
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     return start, mmap.mmap(fd, end - start, prot=mmap.PROT_READ, offset=start,
                             flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-
-
-def _mapped(path: str, offset: int, size: int) -> memoryview:
-    """Bytes of a file as a read-only view of its page cache; the mapping lives as long as the view."""
-    with open(path, "rb", buffering=0) as f:
-        if os.fstat(f.fileno()).st_size < offset + size:
-            from .errors import BadInput
-            raise BadInput(f"{path}: unexpected end of file before byte {offset + size}")
-        start, window = map_pages(f.fileno(), offset, offset + size)
-    return memoryview(window)[offset - start:]
 
 
 @dataclass

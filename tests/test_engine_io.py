@@ -138,8 +138,8 @@ def cast_loops(request, monkeypatch) -> str:
 
 @pytest.mark.parametrize("pair", CASTS, ids=["-".join(p) for p in CASTS])
 def test_a_streamed_cast_is_the_whole_tensor_cast(tmp_path, monkeypatch, pair, cast_loops):
-    """Every 16-bit pattern (random 32-bit ones), from a file at an odd offset (read) and at an aligned one
-    (mapped), and from memory; pieces, windows, and the threaded write_to all give `dtypes.cast`'s bytes."""
+    """Every 16-bit pattern (random 32-bit ones), from a file at an odd offset and at an aligned one, and
+    from memory; pieces, windows, and the threaded write_to all give `dtypes.cast`'s bytes."""
     monkeypatch.setattr(tensor_ref, "CAST_CHUNK", 4099)  # many chunks, windows across them
     source, target = (dtypes.BY_CODE[c] for c in pair)
     if source.itemsize == 2:
@@ -213,7 +213,7 @@ def test_casting_conversions_match_whole_tensor_casts(cli, tiny_llama, tmp_path,
 
 PROBE = """
 import sys
-from mindformers_conv import outfile, tensor_ref
+from mindformers_conv import outfile
 from mindformers_conv.cli import main
 
 mapped = 0  # bytes read through mappings of the sources: rchar does not count them
@@ -224,15 +224,9 @@ def counting(*args):
     mapped += n
     return n
 
-def counting_view(path, offset, size):
-    global mapped
-    mapped += size
-    return real_view(path, offset, size)
-
-real, real_view = outfile.KERNEL_COPIES[0], tensor_ref._mapped
+real = outfile.KERNEL_COPIES[0]
 assert real is outfile._mapped_write
 outfile.KERNEL_COPIES = (counting,) + outfile.KERNEL_COPIES[1:]
-tensor_ref._mapped = counting_view
 
 def rchar():
     with open("/proc/self/io") as f:
@@ -349,3 +343,14 @@ def test_running_out_of_open_files_elsewhere_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_run", short)
     assert cli.main(["--model", "llama", "--input_path", "x", "--output_path", "y"]) == 1
     assert capsys.readouterr().err == "error: too many open files (Too many open files); raise the limit with `ulimit -n`\n"
+
+
+def test_a_cast_of_a_source_that_shrank_is_a_clear_error(tmp_path):
+    """The cast reads its source (a mapping would die of SIGBUS past the end): one BadInput naming the file."""
+    from mindformers_conv.errors import BadInput
+
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"\0" * 4000)
+    cast = CastBytes(FileRanges(((str(path), 0, 8000),)), dtypes.BY_CODE["BF16"], dtypes.BY_CODE["F16"])
+    with pytest.raises(BadInput, match=r"x\.bin: unexpected end of file at byte 4000"):
+        b"".join(bytes(p) for p in cast.pieces())
