@@ -4,7 +4,8 @@
 
 KIND is `hf` (a safetensors folder), `ckpt` (a MindSpore .ckpt, MindFormers' llama names) or `bin` (a torch
 pickle of HF names, MindFormers' reverse output); DTYPE is what every tensor must be: the source cast to it
-(bf16 → fp16/fp32 by torch), or through several (`fp16>bf16`: to fp16, then back to bf16). Names are mapped with the hand-written table below, not the converter's.
+(bf16 → fp16/fp32 by torch), or through several (`fp16>bf16`: to fp16, then back to bf16). Names are
+mapped with the hand-written table below, not the converter's.
 Prints one line per problem and exits 1 when there is any. Run as its own process by bench_convert.py, so
 the measuring process never imports torch.
 """

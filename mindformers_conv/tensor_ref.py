@@ -53,20 +53,15 @@ class TensorRef:
         """Materialise this tensor (and only this one) as a contiguous CPU tensor."""
         if self.loader is not None:
             return self.loader().contiguous()
-        buf = bytearray(self.nbytes)
-        view = memoryview(buf)
-        pos = 0
-        for path, offset, length in self.ranges:
-            with open(path, "rb", buffering=0) as f:
-                f.seek(offset)
-                got = f.readinto(view[pos:pos + length])
-            if got != length:
-                from .errors import BadInput
-                raise BadInput(f"{path}: tensor {self.name!r} is truncated ({got} of {length} bytes)")
-            pos += length
-        if not buf:
-            return torch.empty(self.shape, dtype=self.dtype.torch)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(self.dtype.torch).reshape(self.shape)
+        buf = memoryview(bytearray(self.nbytes))
+        if self.nbytes:
+            from .errors import BadInput
+
+            try:
+                FileRanges(self.ranges).view(0, self.nbytes, buf)
+            except BadInput as e:
+                raise BadInput(f"{e}: tensor {self.name!r} is truncated") from None
+        return tensor_over(buf, self.dtype, self.shape)
 
     def source(self) -> "ByteSource":
         """Bytes as writers take them: file ranges when on disk (zero-copy), else in memory."""

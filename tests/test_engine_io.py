@@ -354,3 +354,14 @@ def test_a_cast_of_a_source_that_shrank_is_a_clear_error(tmp_path):
     cast = CastBytes(FileRanges(((str(path), 0, 8000),)), dtypes.BY_CODE["BF16"], dtypes.BY_CODE["F16"])
     with pytest.raises(BadInput, match=r"x\.bin: unexpected end of file at byte 4000"):
         b"".join(bytes(p) for p in cast.pieces())
+
+
+def test_reading_a_tensor_of_a_file_that_shrank_names_the_file_and_the_tensor(tmp_path):
+    from mindformers_conv.errors import BadInput
+    from mindformers_conv.tensor_ref import TensorRef
+
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"\0" * 300)
+    rows = TensorRef("w", dtypes.BY_CODE["BF16"], (2, 100), ((str(path), 0, 200), (str(path), 250, 200)))
+    with pytest.raises(BadInput, match=r"x\.bin: unexpected end of file at byte 300: tensor 'w' is truncated"):
+        rows.read()
